@@ -1,0 +1,242 @@
+"""Primitive layers shared by the UNet, the CLIP text encoders and the VAE.
+
+Why custom layers instead of ``nnx.Linear``/``nnx.Conv``: every parameter is stored under the *PyTorch*
+name and layout (``weight`` as (out, in) or OIHW, ``bias``), and modules are named like the diffusers /
+transformers modules. A state path joined with '.' is therefore exactly the checkpoint key, which keeps
+loading, LoRA export and kohya/diffusers conversion free of hand-written key tables. Activations are NHWC.
+
+LoRA lives on ``Linear`` and ``Conv2d`` as two optional ``LoRAParam`` variables (``lora_A``, ``lora_B``,
+PEFT layouts), so ``nnx.split(model, LoRAParam, ...)`` yields the LoRA tree separately from the frozen base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class LoRAParam(nnx.Param):
+    """A trainable LoRA weight; everything else in a model is a frozen ``nnx.Param``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """Numerics and memory policy shared by all layers of a model.
+
+    dtype: compute dtype (activations, matmuls); param_dtype: storage dtype of weights.
+    attention_impl: passed to ``jax.nn.dot_product_attention`` (None = XLA chooses, 'cudnn' on GPUs).
+    remat: policy name for gradient checkpointing of resnet/transformer blocks (see ``REMAT_POLICIES``).
+    """
+
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_impl: str | None = None
+    remat: str = "none"
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def checkpointed(fn, remat: str):
+    """Wrap a block's forward in ``nnx.remat`` with the named policy ('none' returns it unchanged)."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+    if remat == "none":
+        return fn
+    return nnx.remat(fn, policy=REMAT_POLICIES[remat])
+
+
+# LoRA switches are read at trace time, so a teacher call (LoRA off) compiles to exactly the base model.
+_LORA_SCALE = contextvars.ContextVar("tdd_jax_lora_scale", default=1.0)
+
+
+@contextlib.contextmanager
+def lora_scale(scale: float):
+    """Multiply every LoRA branch by ``scale`` inside the block; 0 removes the branches from the graph."""
+    token = _LORA_SCALE.set(float(scale))
+    try:
+        yield
+    finally:
+        _LORA_SCALE.reset(token)
+
+
+def lora_disabled():
+    """The frozen base model: LoRA branches are not computed at all (bit-identical to the base)."""
+    return lora_scale(0.0)
+
+
+def _uniform(key, shape, bound, dtype):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class _LoRAMixin:
+    """LoRA branch state for Linear/Conv2d; ``attach_lora`` (see lora.py) fills it in."""
+
+    lora_A: LoRAParam | None
+    lora_B: LoRAParam | None
+    lora_alpha_over_rank: float
+
+    def _init_no_lora(self):
+        self.lora_A = nnx.data(None)
+        self.lora_B = nnx.data(None)
+        self.lora_alpha_over_rank = 0.0
+
+    def _lora_active(self) -> float:
+        if self.lora_A is None:
+            return 0.0
+        return _LORA_SCALE.get() * self.lora_alpha_over_rank
+
+
+class Linear(nnx.Module, _LoRAMixin):
+    """torch.nn.Linear: weight (out, in), optional bias (out,); y = x W^T + b (+ LoRA)."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, opts: ModelOptions,
+                 rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nnx.Param(_uniform(rngs.params(), (out_features, in_features), bound, opts.param_dtype))
+        self.bias = nnx.Param(_uniform(rngs.params(), (out_features,), bound, opts.param_dtype)) if bias else None
+        self.dtype = opts.dtype
+        self._init_no_lora()
+
+    def __call__(self, x):
+        x = x.astype(self.dtype)
+        y = x @ self.weight[...].astype(self.dtype).T
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        scale = self._lora_active()
+        if scale:
+            h = x @ self.lora_A[...].astype(self.dtype).T
+            y = y + scale * (h @ self.lora_B[...].astype(self.dtype).T)
+        return y
+
+
+def _conv(x, w, stride, padding, dtype):
+    pad = [(padding, padding), (padding, padding)]
+    return jax.lax.conv_general_dilated(x, w.astype(dtype), (stride, stride), pad,
+                                        dimension_numbers=("NHWC", "OIHW", "NHWC"))
+
+
+class Conv2d(nnx.Module, _LoRAMixin):
+    """torch.nn.Conv2d on NHWC activations: weight (out, in, kh, kw), symmetric zero padding."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
+                 padding: int = 0, bias: bool = True, opts: ModelOptions, rngs: nnx.Rngs):
+        fan_in = in_channels * kernel_size * kernel_size
+        bound = 1.0 / math.sqrt(fan_in)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        shape = (out_channels, in_channels, kernel_size, kernel_size)
+        self.weight = nnx.Param(_uniform(rngs.params(), shape, bound, opts.param_dtype))
+        self.bias = nnx.Param(_uniform(rngs.params(), (out_channels,), bound, opts.param_dtype)) if bias else None
+        self.dtype = opts.dtype
+        self._init_no_lora()
+
+    def __call__(self, x):
+        x = x.astype(self.dtype)
+        y = _conv(x, self.weight[...], self.stride, self.padding, self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        scale = self._lora_active()
+        if scale:
+            # PEFT Conv2d LoRA: down = conv with the layer's kernel/stride/padding, up = 1x1 conv.
+            h = _conv(x, self.lora_A[...], self.stride, self.padding, self.dtype)
+            y = y + scale * _conv(h, self.lora_B[...], 1, 0, self.dtype)
+        return y
+
+
+class GroupNorm(nnx.Module):
+    """torch.nn.GroupNorm over the channel (last) axis of NHWC or (B, T, C) inputs; statistics in fp32."""
+
+    def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5, opts: ModelOptions):
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: {num_channels} channels are not divisible into {num_groups} groups")
+        self.num_groups, self.eps, self.dtype = num_groups, eps, opts.dtype
+        self.weight = nnx.Param(jnp.ones((num_channels,), opts.param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), opts.param_dtype))
+
+    def __call__(self, x):
+        shape = x.shape
+        xg = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, shape[-1] // self.num_groups)
+        mean = xg.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
+        xg = (xg - mean) * jax.lax.rsqrt(var + self.eps)
+        y = xg.reshape(shape) * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm over the last axis; statistics in fp32."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, elementwise_affine: bool = True, opts: ModelOptions):
+        self.eps, self.dtype = eps, opts.dtype
+        self.weight = nnx.Param(jnp.ones((dim,), opts.param_dtype)) if elementwise_affine else None
+        self.bias = nnx.Param(jnp.zeros((dim,), opts.param_dtype)) if elementwise_affine else None
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class Embedding(nnx.Module):
+    """torch.nn.Embedding: weight (num, dim)."""
+
+    def __init__(self, num: int, dim: int, *, opts: ModelOptions, rngs: nnx.Rngs):
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (num, dim), opts.param_dtype))
+        self.dtype = opts.dtype
+
+    def __call__(self, ids):
+        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+
+
+class Placeholder(nnx.Module):
+    """A parameter-free slot that keeps list indices aligned with PyTorch (e.g. Dropout in ``to_out``)."""
+
+    def __call__(self, x):
+        return x
+
+
+def attention(q, k, v, *, heads: int, impl: str | None, mask=None, is_causal: bool = False):
+    """Multi-head scaled dot-product attention on (B, T, heads*head_dim) tensors.
+
+    Runs through ``jax.nn.dot_product_attention`` so a GPU can select cuDNN flash attention by ``impl``.
+    """
+    b, tq, d = q.shape
+    tk = k.shape[1]
+    hd = d // heads
+    q = q.reshape(b, tq, heads, hd)
+    k = k.reshape(b, tk, heads, hd)
+    v = v.reshape(b, tk, heads, hd)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
+    return out.reshape(b, tq, d)
+
+
+def silu(x):
+    return jax.nn.silu(x)
+
+
+def gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def state_key(path) -> str:
+    """The PyTorch checkpoint key of an nnx state path: ('down_blocks', 0, 'resnets', 0, 'conv1', 'weight')
+    -> 'down_blocks.0.resnets.0.conv1.weight'."""
+    return ".".join(str(getattr(p, "key", p)) for p in path)

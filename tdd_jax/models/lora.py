@@ -1,0 +1,84 @@
+"""LoRA adapters on any model built from ``layers.Linear``/``layers.Conv2d`` (PEFT semantics).
+
+Targets are matched like PEFT's ``target_modules``: a module whose dotted path equals a target or ends in
+``.<target>``. lora_A ~ kaiming-uniform(a=√5) (bound 1/√fan_in), lora_B = 0, scale = alpha / rank, so a fresh
+adapter leaves the model unchanged. The adapter is a separate pytree: ``split_lora`` returns
+(graphdef, lora_state, base_state) and ``merge_lora`` rebuilds a model from a base and any LoRA tree (online,
+EMA, or a loaded file), which is how the trainer runs student, target and teacher on one copy of the base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tdd_jax.models.layers import Conv2d, Linear, LoRAParam
+
+# The official TDD SDXL training targets (train_tdd.py).
+TDD_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+               "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+               "time_emb_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 64
+    alpha: float | None = None  # None -> PEFT default of 8
+    targets: tuple[str, ...] = TDD_TARGETS
+
+    @property
+    def scale(self) -> float:
+        return (8.0 if self.alpha is None else float(self.alpha)) / self.rank
+
+
+def _path_str(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def matches_target(path: str, targets: Sequence[str]) -> bool:
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def lora_modules(model: nnx.Module, targets: Sequence[str]):
+    """(dotted path, layer) of every Linear/Conv2d that a LoRA on ``targets`` adapts."""
+    found = []
+    for path, mod in nnx.iter_modules(model):
+        if isinstance(mod, (Linear, Conv2d)) and matches_target(_path_str(path), targets):
+            found.append((_path_str(path), mod))
+    return found
+
+
+def attach_lora(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs, param_dtype=jnp.float32) -> list[str]:
+    """Add LoRA weights to every targeted layer in place; returns the adapted module paths."""
+    if cfg.rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {cfg.rank}")
+    mods = lora_modules(model, cfg.targets)
+    if not mods:
+        raise ValueError(f"LoRA targets {cfg.targets} match no Linear/Conv2d layer of {type(model).__name__}")
+    for _, mod in mods:
+        if isinstance(mod, Linear):
+            a_shape, b_shape, fan_in = (cfg.rank, mod.in_features), (mod.out_features, cfg.rank), mod.in_features
+        else:
+            k = mod.kernel_size
+            a_shape = (cfg.rank, mod.in_channels, k, k)
+            b_shape = (mod.out_channels, cfg.rank, 1, 1)
+            fan_in = mod.in_channels * k * k
+        bound = 1.0 / math.sqrt(fan_in)
+        mod.lora_A = LoRAParam(jax.random.uniform(rngs.params(), a_shape, param_dtype, -bound, bound))
+        mod.lora_B = LoRAParam(jnp.zeros(b_shape, param_dtype))
+        mod.lora_alpha_over_rank = cfg.scale
+    return [p for p, _ in mods]
+
+
+def split_lora(model: nnx.Module):
+    """(graphdef, lora_state, base_state): gradients and optimizer state only ever see ``lora_state``."""
+    return nnx.split(model, LoRAParam, ...)
+
+
+def merge_lora(graphdef, lora_state, base_state) -> nnx.Module:
+    return nnx.merge(graphdef, lora_state, base_state)
