@@ -1,0 +1,80 @@
+"""The Noto colour emoji dataset: parsing, rendering, the full TFDS build (3,655 examples) and its use by the loader."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from tdd_jax.data import build_emoji_dataset, default_data_config, load_emoji, make_train_iterator
+from tdd_jax.data import emoji
+
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(emoji.EMOJI_FONT) and os.path.exists(emoji.EMOJI_TEST_FILE)),
+    reason="needs the Debian packages of launch/setup_system.sh")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tfds"))
+    build_emoji_dataset(path)
+    return path
+
+
+def test_emoji_test_file_parsing():
+    entries = emoji.read_emoji_test()
+    assert len(entries) == 3655
+    assert len({e.name for e in entries}) == 3655  # CLDR names are unique: captions identify the emoji.
+    assert (entries[0].codepoints, entries[0].name, entries[0].group, entries[0].subgroup) == (
+        "1F600", "grinning face", "Smileys & Emotion", "face-smiling")
+    by_codepoints = {e.codepoints: e for e in entries}
+    assert by_codepoints["1F1EF 1F1F5"].name == "flag: Japan"
+    assert by_codepoints["0023 FE0F 20E3"].name == "keycap: #"
+    assert len({e.group for e in entries}) == 9  # "Component" has no fully-qualified emoji.
+
+
+def test_render_crops_centres_and_resizes():
+    font = emoji.load_font()
+    entries = {e.codepoints: e for e in emoji.read_emoji_test()}
+    for codepoints in ("1F600", "1F468 200D 1F469 200D 1F467", "1F1EF 1F1F5", "2757"):
+        image = np.asarray(emoji.render_emoji(font, entries[codepoints], 32))
+        assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+        assert (image < 250).any(axis=-1).mean() > 0.15  # Mostly glyph, not an empty white square.
+    # "❗" is tall and thin: centred, with white margins left and right after squaring.
+    tall = np.asarray(emoji.render_emoji(font, entries["2757"], 32))
+    assert (tall[:, :4] >= 250).all() and (tall[:, -4:] >= 250).all()
+
+
+def test_full_build_counts_splits_and_labels(data_dir):
+    builder = emoji.emoji_builder(data_dir)
+    splits = builder.info.splits
+    assert splits["train"].num_examples + splits["test"].num_examples == 3655
+    assert splits["test"].num_examples == 173  # The fixed crc32 held-out set (~4.7%).
+    features = builder.info.features
+    assert features["group"].num_classes == 9 and features["subgroup"].num_classes > 90
+    test = load_emoji(data_dir, "test")
+    assert test["images"].shape == (173, 64, 64, 3) and test["images"].dtype == np.uint8
+    assert all(emoji.EmojiEntry(c, n, g, s).split == "test" for c, n, g, s in
+               zip(test["codepoints"], test["captions"], test["groups"], test["subgroups"]))
+    assert list(test["codepoints"]) == sorted(test["codepoints"])
+
+
+def test_build_is_idempotent(data_dir):
+    files = sorted(os.listdir(emoji.emoji_builder(data_dir).data_dir))
+    start = time.perf_counter()
+    build_emoji_dataset(data_dir)
+    assert time.perf_counter() - start < 2.0
+    assert sorted(os.listdir(emoji.emoji_builder(data_dir).data_dir)) == files
+
+
+def test_emoji_source_through_the_loader(data_dir):
+    cfg = default_data_config()
+    cfg.update(dict(source="emoji", path=data_dir, resolution=64, batch_size=16, random_flip=True))
+    batch = next(make_train_iterator(cfg, process_index=0, process_count=1))
+    assert batch["pixels"].shape == (16, 64, 64, 3)
+    np.testing.assert_array_equal(batch["time_ids"][:, [0, 1, 2, 4, 5]], [[64, 64, 0, 64, 64]] * 16)
+    names = {e.name for e in emoji.read_emoji_test()}
+    assert set(batch["captions"]) <= names
+    cfg.update(dict(split="test", num_epochs=1, drop_remainder=False, batch_size=50))
+    held_out = [c for b in make_train_iterator(cfg, process_index=0, process_count=1) for c in b["captions"]]
+    assert sorted(held_out) == sorted(load_emoji(data_dir, "test")["captions"])
