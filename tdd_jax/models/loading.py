@@ -96,12 +96,17 @@ class _TensorSource:
         return self._handles[self._where[key]].get_slice(key)[index]
 
 
+def checkpoint_keys(source) -> set[str]:
+    """The tensor names of a component folder, safetensors file(s) or mapping (only headers are read)."""
+    return _TensorSource(source).keys()
+
+
 def load_state(abstract_state: nnx.State, source, *, prefix: str = "", shardings: Any = None,
                ignore_prefixes: tuple[str, ...] = ()) -> nnx.State:
     """Fill an abstract (or concrete) ``nnx.State`` from checkpoint tensors.
 
     source: a component folder, a safetensors file or list of files, or a mapping key -> array.
-    prefix: prepended to every state path (e.g. 'text_model.' is *not* needed: paths already match).
+    prefix: prepended to every state path to form the checkpoint key (e.g. 'text_model.' for old CLIP files).
     shardings: None, one ``jax.sharding.Sharding`` for every leaf, or a State-shaped tree of them.
     Every model parameter must be present with its exact shape and every checkpoint key must be used
     (except keys under ``ignore_prefixes``); otherwise a ``WeightsError`` names the offenders.
