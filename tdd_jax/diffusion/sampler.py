@@ -159,20 +159,32 @@ def _denoise_loop(model_fn: ModelFn, schedule: NoiseSchedule, settings: SamplerS
     return jax.lax.scan(step, x_T.astype(jnp.float32), tables)
 
 
+def renoise_noise(key: jax.Array, num_steps: int, shape: tuple[int, ...]) -> jax.Array:
+    """Standard normals (num_steps, *shape) for the renoise steps.
+
+    One key draws the whole block; a batch of typed keys (shape (B,), one per sample) gives every sample its own
+    stream, so a sample does not depend on its batch neighbours or its position in the batch.
+    """
+    if key.ndim == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        per_sample = jax.vmap(lambda k: jax.random.normal(k, (num_steps,) + shape[1:], jnp.float32))(key)
+        return jnp.swapaxes(per_sample, 0, 1)
+    return jax.random.normal(key, (num_steps,) + shape, jnp.float32)
+
+
 def sample(model_fn: ModelFn, schedule: NoiseSchedule, settings: SamplerSettings, x_T: jax.Array,
            key: jax.Array, cond: Any, uncond: Any = None) -> jax.Array:
     """Run the N-step sampler from x_T (float32 NHWC latents); traceable, meant to be run under one jax.jit.
 
-    Renoise noise comes from ``key`` only, so (x_T, key, cond, settings) fixes the result. ``uncond`` (same
-    pytree structure as ``cond``: SDXL's zero embeddings or a negative prompt) is required when
-    ``settings.uses_cfg``.
+    Renoise noise comes from ``key`` only (one key, or one typed key per sample: see ``renoise_noise``), so
+    (x_T, key, cond, settings) fixes the result. ``uncond`` (same pytree structure as ``cond``: SDXL's zero
+    embeddings or a negative prompt) is required when ``settings.uses_cfg``.
     """
     settings.validate()
     if settings.uses_cfg and uncond is None:
         raise ValueError("uncond is required when guidance_scale != 1 or w_prime is set")
     renoise = None
     if settings.gamma > 0:
-        renoise = jax.random.normal(key, (settings.num_steps,) + x_T.shape, jnp.float32)
+        renoise = renoise_noise(key, settings.num_steps, x_T.shape)
     final, _ = _denoise_loop(model_fn, schedule, settings, x_T, renoise, cond, uncond)
     return final
 

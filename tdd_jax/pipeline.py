@@ -1,0 +1,253 @@
+"""SDXL text-to-image with the TDD sampler: prompts -> both CLIP text encoders -> few-step sampler -> VAE -> images.
+
+Why our own pipeline rather than diffusers': text encoding, the whole denoising loop and the VAE decode are one
+compiled function per (sampler settings, batch shape), with the weights passed in as arguments (replicated over
+the mesh, never baked into the executable) and the batch split over the devices' data axis. An image depends only
+on (prompt, negative prompt, seed, settings, size): its initial noise and its renoise stream both come from its
+own seed, never from its batch neighbours or its position. Conditioning is diffusers' StableDiffusionXLPipeline's
+(see conditioning.py): time ids (H, W, 0, 0, H, W) for both branches and SDXL's all-zero unconditional embeddings
+unless a negative prompt is given, so with ``final_step='tcd'`` it reproduces diffusers with
+``TCDScheduler(original_inference_steps=250)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from tdd_jax import conditioning
+from tdd_jax.diffusion.sampler import SamplerSettings, sample
+from tdd_jax.diffusion.schedule import NoiseSchedule
+from tdd_jax.models import lora_formats
+from tdd_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
+from tdd_jax.models.layers import ModelOptions, lora_scale
+from tdd_jax.models.loading import read_config
+from tdd_jax.models.unet import UNet2DConditionModel
+from tdd_jax.models.vae import AutoencoderKL
+from tdd_jax.training import sharding
+
+MODELS = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel,
+          "text_encoder_2": CLIPTextModelWithProjection, "vae": AutoencoderKL}
+COMPONENTS = (*MODELS, *conditioning.TOKENIZER_FOLDERS, "scheduler")
+OUTPUT_TYPES = ("uint8", "float", "latent")
+MAX_SEED = 2**32 - 1
+
+
+def check_pipeline_dir(pipeline_dir: str | Path) -> Path:
+    """The pipeline folder, or a FileNotFoundError naming every SDXL component folder it lacks."""
+    folder = Path(pipeline_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"pipeline dir {folder} does not exist")
+    missing = [name for name in COMPONENTS if not (folder / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"pipeline dir {folder} is not a complete SDXL diffusers pipeline: "
+                                f"missing component folders {missing}")
+    return folder
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageGeometry:
+    """Image <-> latent sizes of a pipeline, from its configs alone (so a bad size fails before weights load).
+
+    Sides must be multiples of vae_factor · unet_factor: the VAE divides by vae_factor and every UNet level
+    halves the latent again, and sizes that halve exactly are the ones SDXL was trained on (SDXL: 8 · 4 = 32).
+    """
+
+    vae_factor: int
+    unet_factor: int
+    latent_channels: int
+    default_size: int
+
+    @classmethod
+    def from_pretrained(cls, pipeline_dir: str | Path) -> ImageGeometry:
+        folder = Path(pipeline_dir)
+        vae, unet = read_config(folder / "vae"), read_config(folder / "unet")
+        vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        unet_factor = 2 ** (len(unet["block_out_channels"]) - 1)
+        return cls(vae_factor, unet_factor, int(unet["in_channels"]), int(unet["sample_size"]) * vae_factor)
+
+    @property
+    def multiple(self) -> int:
+        return self.vae_factor * self.unet_factor
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(h, w, C) of the latents for an image size; ValueError for a size the pipeline cannot produce."""
+        bad = [f"{name}={v}" for name, v in (("height", height), ("width", width)) if v <= 0 or v % self.multiple]
+        if bad:
+            raise ValueError(f"image size {', '.join(bad)} is not a positive multiple of {self.multiple} (VAE "
+                             f"factor {self.vae_factor} x UNet downsampling {self.unet_factor})")
+        return height // self.vae_factor, width // self.vae_factor, self.latent_channels
+
+
+def load_lora(path: str | Path, models: dict[str, nnx.Module], *, step: int | None = None,
+              ema: bool = False) -> dict[str, Any]:
+    """Attach a LoRA to the loaded models in place; returns what metadata should say about it.
+
+    ``path`` is a diffusers/PEFT or kohya ``.safetensors`` file (UNet and text-encoder modules) or a trainer
+    workdir / checkpoint folder (its UNet LoRA, online or EMA, at ``step`` or the latest).
+    """
+    path = Path(path)
+    if path.is_file():
+        text_and_unet = {name: models[name] for name in lora_formats.COMPONENTS}
+        return {"lora": str(path), "modules": lora_formats.load_lora_file(path, text_and_unet)}
+    if path.is_dir():
+        from convert.sources import checkpoint_lora  # orbax is only needed for trainer checkpoints
+
+        lora, meta = checkpoint_lora(path, step=step, ema=ema)
+        lora_formats.attach(models["unet"], lora)
+        return {"lora": str(path), "step": meta["step"], "ema": ema, "method": meta.get("method")}
+    raise FileNotFoundError(f"LoRA {path} is neither a .safetensors file nor a trainer checkpoint folder")
+
+
+def _as_list(value, n: int, name: str) -> list:
+    """A per-image list from one value or a sequence of length n."""
+    if value is None or isinstance(value, (str, int, np.integer)):
+        return [value] * n
+    value = list(value)
+    if len(value) != n:
+        raise ValueError(f"{name} has {len(value)} entries for {n} prompts")
+    return value
+
+
+def _pad(array: np.ndarray, n: int) -> np.ndarray:
+    """Fill the batch up to n rows with copies of row 0 (their outputs are dropped)."""
+    return np.concatenate([array, np.repeat(array[:1], n - len(array), axis=0)]) if n > len(array) else array
+
+
+class TDDPipeline:
+    """Loaded SDXL components (+ optional LoRA at a fixed scale) and their compiled render functions.
+
+    The LoRA scale is read when a function is traced, so it is fixed per instance; build another instance for
+    another scale. Inputs and outputs are host numpy arrays of one process (multi-host jobs: one job per host).
+    """
+
+    def __init__(self, *, graphdefs: dict, params: dict, tokenizers: tuple, schedule: NoiseSchedule,
+                 geometry: ImageGeometry, mesh: Mesh, lora_scale: float = 1.0, lora_info: dict | None = None):
+        self._graphdefs = graphdefs
+        self.params = params
+        self.tokenizers = tokenizers
+        self.schedule = schedule
+        self.geometry = geometry
+        self.mesh = mesh
+        self.lora_scale = float(lora_scale)
+        self.lora_info = lora_info
+        self._render = jax.jit(self._render_impl, static_argnames=("settings", "latent_shape", "output_type"),
+                               out_shardings=sharding.replicated(mesh))
+
+    @classmethod
+    def from_pretrained(cls, pipeline_dir: str | Path, *, lora: str | Path | None = None, lora_scale: float = 1.0,
+                        lora_step: int | None = None, lora_ema: bool = False, opts: ModelOptions = ModelOptions(),
+                        mesh: Mesh | None = None) -> TDDPipeline:
+        """Load a diffusers SDXL pipeline folder (tokenizers from local files only), replicated over ``mesh``
+        (default: every device on one data axis), with an optional LoRA (see ``load_lora``)."""
+        folder = check_pipeline_dir(pipeline_dir)
+        geometry = ImageGeometry.from_pretrained(folder)
+        mesh = sharding.make_mesh(data=-1, fsdp=1) if mesh is None else mesh
+        placed = sharding.replicated(mesh)
+        models = {name: model_cls.from_pretrained(folder / name, opts=opts, shardings=placed)
+                  for name, model_cls in MODELS.items()}
+        lora_info = None if lora is None else load_lora(lora, models, step=lora_step, ema=lora_ema)
+        graphdefs, params = {}, {}
+        for name, model in models.items():
+            graphdefs[name], params[name] = nnx.split(model)
+        return cls(graphdefs=graphdefs, params=jax.device_put(params, placed),
+                   tokenizers=conditioning.load_tokenizers(folder), schedule=NoiseSchedule.from_pretrained(folder),
+                   geometry=geometry, mesh=mesh, lora_scale=lora_scale, lora_info=lora_info)
+
+    @property
+    def num_batch_shards(self) -> int:
+        """Batches are padded to a multiple of this (the number of devices on the data axis)."""
+        return sharding.num_batch_shards(self.mesh)
+
+    def _render_impl(self, params: dict, batch: dict, *, settings: SamplerSettings,
+                     latent_shape: tuple[int, int, int], output_type: str) -> jax.Array:
+        """Token ids and seeds -> images or latents; the LoRA scale applies to every model call traced here."""
+        with lora_scale(self.lora_scale):
+            unet, text_encoder, text_encoder_2, vae = (nnx.merge(self._graphdefs[k], params[k]) for k in MODELS)
+            b = batch["seeds"].shape[0]
+            ids, ids_2 = batch["ids"], batch["ids_2"]
+            if settings.uses_cfg:  # negative prompts through the encoders in the same 2B batch
+                ids = jnp.concatenate([ids, batch["negative_ids"]])
+                ids_2 = jnp.concatenate([ids_2, batch["negative_ids_2"]])
+            embeds, pooled = conditioning.encode_prompts(text_encoder, text_encoder_2, ids, ids_2)
+            cond = {"prompt_embeds": embeds[:b], "text_embeds": pooled[:b], "time_ids": batch["time_ids"]}
+            uncond = None
+            if settings.uses_cfg:
+                zero_embeds, zero_pooled = conditioning.zero_conditioning(embeds[:b], pooled[:b])
+                use = batch["has_negative"]
+                uncond = {"prompt_embeds": jnp.where(use[:, None, None], embeds[b:], zero_embeds),
+                          "text_embeds": jnp.where(use[:, None], pooled[b:], zero_pooled),
+                          "time_ids": batch["time_ids"]}
+
+            keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(batch["seeds"])
+            x_T = batch.get("latents")
+            if x_T is None:
+                x_T = jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))(keys[:, 0])
+
+            def model_fn(x, t, c):
+                return unet(x, t, c["prompt_embeds"], {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]})
+
+            latents = sample(model_fn, self.schedule, settings, x_T, keys[:, 1], cond, uncond)
+            if output_type == "latent":
+                return latents
+            decoded = vae.decode(latents / vae.scaling_factor + vae.shift_factor).astype(jnp.float32)
+            images = jnp.clip(decoded / 2 + 0.5, 0.0, 1.0)
+            return jnp.round(images * 255).astype(jnp.uint8) if output_type == "uint8" else images
+
+    def __call__(self, prompts: str | Sequence[str], settings: SamplerSettings = SamplerSettings(), *,
+                 seeds: int | Sequence[int] = 0, negative_prompts: str | Sequence[str | None] | None = None,
+                 height: int | None = None, width: int | None = None, latents: np.ndarray | None = None,
+                 output_type: str = "uint8", batch_size: int | None = None) -> np.ndarray:
+        """Render one image per prompt: (B, H, W, 3) uint8, or floats in [0, 1], or the final latents.
+
+        seeds: one per prompt (or one for all). negative_prompts: None (SDXL's zero unconditional embedding), or
+        a string / per-prompt list where None entries keep the zero embedding; unused without CFG (guidance
+        scale 1 and no w'). Time ids are (height, width, 0, 0, height, width). latents: optional initial
+        latents (B, h, w, C) NHWC instead of the seeds' noise (the renoise noise still comes from the seeds).
+        batch_size: pad the batch to at least this many rows, so a ragged last batch reuses the compiled
+        function; it is also padded to a multiple of ``num_batch_shards``.
+        """
+        settings.validate()
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        n = len(prompts)
+        if not n:
+            raise ValueError("no prompts given")
+        seeds = _as_list(seeds, n, "seeds")
+        bad = [s for s in seeds if not 0 <= int(s) <= MAX_SEED]
+        if bad:
+            raise ValueError(f"seeds must be integers in [0, {MAX_SEED}], got {bad[:5]}")
+        height = self.geometry.default_size if height is None else int(height)
+        width = self.geometry.default_size if width is None else int(width)
+        latent_shape = self.geometry.latent_shape(height, width)
+
+        batch = {"ids": conditioning.tokenize(self.tokenizers[0], prompts),
+                 "ids_2": conditioning.tokenize(self.tokenizers[1], prompts),
+                 "seeds": np.asarray(seeds, np.uint32),
+                 "time_ids": np.tile(conditioning.time_ids((height, width)), (n, 1))}
+        negatives = _as_list(negative_prompts, n, "negative_prompts")
+        if settings.uses_cfg:
+            texts = ["" if p is None else p for p in negatives]
+            batch["negative_ids"] = conditioning.tokenize(self.tokenizers[0], texts)
+            batch["negative_ids_2"] = conditioning.tokenize(self.tokenizers[1], texts)
+            batch["has_negative"] = np.array([p is not None for p in negatives])
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.shape != (n, *latent_shape):
+                raise ValueError(f"latents have shape {latents.shape}, expected {(n, *latent_shape)} (NHWC)")
+            batch["latents"] = latents
+
+        shards = self.num_batch_shards
+        padded = -(-max(n, batch_size or 0) // shards) * shards
+        batch = jax.device_put({k: _pad(v, padded) for k, v in batch.items()}, sharding.batch_sharding(self.mesh))
+        out = self._render(self.params, batch, settings=settings, latent_shape=latent_shape, output_type=output_type)
+        return np.asarray(out)[:n]

@@ -1,0 +1,146 @@
+"""The batch-sampling job (python -m tdd_jax.sample): PNGs + metadata JSONL + contact sheet, resuming and repairing
+an interrupted run, the same images on two devices, and input errors that leave nothing behind."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from absl import app, flags
+from PIL import Image
+from safetensors.numpy import save_file
+
+from tdd_jax import sample
+from tdd_jax.sample import CONTACT_SHEET, METADATA, JobError, SampleJob, read_prompts, run
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = [{"prompt": "a photo of a cat", "seed": 7}, {"prompt": "a red car", "negative_prompt": "blurry"},
+           {"prompt": "a dog in the park"}]
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return path
+
+
+def _job(**fields) -> SampleJob:
+    """A job with batch size 2; paths may be given as Path."""
+    return SampleJob(**{"batch_size": 2, **{k: str(v) if isinstance(v, Path) else v for k, v in fields.items()}})
+
+
+def _records(out: Path) -> list[dict]:
+    return sorted((json.loads(line) for line in (out / METADATA).read_text().splitlines()), key=lambda r: r["index"])
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def _check_outputs(out: Path, sheet: Path) -> None:
+    records = _records(out)
+    assert [r["index"] for r in records] == [0, 1, 2]
+    assert [(r["prompt"], r["seed"], r["negative_prompt"]) for r in records] == [
+        ("a photo of a cat", 7, None), ("a red car", 1, "blurry"), ("a dog in the park", 2, None)]
+    for r in records:
+        assert (r["num_steps"], r["gamma"], r["guidance_scale"], r["final_step"], r["lora"]) == (4, 0.2, 1.7,
+                                                                                                "clean", None)
+        assert r["timesteps"] == [999, 751, 499, 251] and (r["height"], r["width"]) == (16, 16)
+        assert _pixels(out / r["file"]).shape == (16, 16, 3)
+    assert sorted(os.listdir(out)) == sorted([r["file"] for r in records] + [METADATA, CONTACT_SHEET])
+    assert sheet == out / CONTACT_SHEET and _pixels(sheet).shape == (32, 32, 3)  # 2 x 2 grid, one blank
+
+
+def _check_resume(job: SampleJob, out: Path, monkeypatch) -> None:
+    """Re-running renders nothing; a metadata line cut by a crash is dropped and its image recorded again."""
+    pngs = {r["file"]: (out / r["file"]).read_bytes() for r in _records(out)}
+
+    def no_loading(job):
+        raise AssertionError("nothing is left to render, the pipeline must not be loaded")
+
+    monkeypatch.setattr(sample, "load_pipeline", no_loading)
+    run(job)
+    assert len(_records(out)) == 3
+    lines = (out / METADATA).read_text().splitlines(keepends=True)
+    (out / METADATA).write_text("".join(lines[:-1]) + lines[-1][:25])
+    run(job)
+    assert {r["file"] for r in _records(out)} == set(pngs) and len(_records(out)) == 3
+    assert {f: (out / f).read_bytes() for f in pngs} == pngs
+
+
+def _check_two_devices(job: SampleJob, out: Path, tmp_path: Path) -> None:
+    """The command line with a batch of 3 on 2 devices (padded to 4) reproduces the one-device images."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "tdd_jax.sample", f"--pipeline={job.pipeline}", f"--prompts={job.prompts}",
+           f"--out={tmp_path / 'two'}", "--batch_size=3"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "0 already in" in done.stdout and "3 to render" in done.stdout and "sampling" in done.stderr
+    for r in _records(out):
+        np.testing.assert_array_equal(_pixels(tmp_path / "two" / r["file"]), _pixels(out / r["file"]))
+
+
+def test_job_writes_resumes_and_shards(tiny_pipeline_dir, prompt_file, tmp_path, monkeypatch):
+    """One test, so that the rendered job is shared rather than redone by each pytest-xdist worker."""
+    job = _job(pipeline=tiny_pipeline_dir, prompts=prompt_file, out=tmp_path / "out")  # batches of 2 and 1
+    sheet = run(job)
+    _check_outputs(tmp_path / "out", sheet)
+    _check_resume(job, tmp_path / "out", monkeypatch)
+    _check_two_devices(job, tmp_path / "out", tmp_path)
+
+
+def test_read_prompts(tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog on the beach  \n")
+    assert read_prompts(tmp_path / "p.txt", 5, "ugly") == [
+        {"prompt": "a cat", "seed": 5, "negative_prompt": "ugly"},
+        {"prompt": "a dog on the beach", "seed": 6, "negative_prompt": "ugly"}]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat", "seed": 42, "negative_prompt": "blurry"}\n'
+                                      '\n{"prompt": "a dog"}\n')
+    assert read_prompts(tmp_path / "p.jsonl", 5) == [{"prompt": "a cat", "seed": 42, "negative_prompt": "blurry"},
+                                                     {"prompt": "a dog", "seed": 6, "negative_prompt": None}]
+    (tmp_path / "q.jsonl").write_text('{"prompt": "a cat", "steps": 8}\n')
+    with pytest.raises(ValueError, match=r"q.jsonl:1: unknown fields \['steps'\]"):
+        read_prompts(tmp_path / "q.jsonl", 0)
+    with pytest.raises(ValueError, match="must be a .txt"):
+        read_prompts(tmp_path / "p.csv", 0)
+
+
+def test_input_errors_leave_nothing_behind(tiny_pipeline_dir, prompt_file, tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a cat"}\n{"text": "a dog"}\n')
+    shutil.copytree(tiny_pipeline_dir, tmp_path / "partial", ignore=shutil.ignore_patterns("unet"))
+    save_file({"not_a_lora": np.zeros(2, np.float32)}, str(tmp_path / "junk.safetensors"))
+    cases = [
+        (dict(prompts=tmp_path / "missing.txt"), "prompt file .*missing.txt does not exist"),
+        (dict(prompts=tmp_path / "empty.txt"), "holds no prompts"),
+        (dict(prompts=tmp_path / "bad.jsonl"), "bad.jsonl:2: expected an object with a string 'prompt'"),
+        (dict(height=18), "height=18 is not a positive multiple of 4"),
+        (dict(pipeline=tmp_path / "partial"), r"missing component folders \['unet'\]"),
+        (dict(lora=tmp_path / "missing.safetensors"), "LoRA .* does not exist"),
+        (dict(lora=tmp_path / "junk.safetensors"), "not LoRA weights of a known format"),
+        (dict(steps=9, non_equidistant=True), "num_steps=9 must be in"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(JobError, match=message):
+            run(_job(**{"pipeline": tiny_pipeline_dir, "prompts": prompt_file, "out": out, **overrides}))
+        assert not out.exists(), overrides
+
+
+def test_command_line_reports_input_errors(tiny_pipeline_dir, tmp_path):
+    argv = ["sample", f"--pipeline={tiny_pipeline_dir}", f"--prompts={tmp_path / 'missing.txt'}",
+            f"--out={tmp_path / 'out'}"]
+    flags.FLAGS(argv)
+    try:
+        with pytest.raises(app.UsageError, match="missing.txt does not exist"):
+            sample.main(argv[:1])
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert not (tmp_path / "out").exists()
