@@ -1,0 +1,102 @@
+"""TDD distillation of SDXL: the paper's / official run (train_tdd.sh), as defaults of every field.
+
+    SDXL_DIR=/path/to/sdxl-base TDD_DATA='/data/laion/{00000..01023}.tar' \\
+        python -m tdd_jax.train --config=configs/tdd_sdxl.py --workdir=runs/tdd
+
+The baseline configs (lcm/pcm/tcd_sdxl.py) start from this one and change only the target rule and the
+hyper-parameters their papers publish, so a comparison differs in nothing else.
+"""
+
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+from tdd_jax.data import default_data_config
+from tdd_jax.models.lora import TDD_TARGETS
+
+
+def get_config() -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+    cfg.pipeline_dir = os.environ.get("SDXL_DIR", "")  # diffusers folder of stable-diffusion-xl-base-1.0
+    cfg.resolution = 1024
+    cfg.seed = 0
+    cfg.num_train_steps = 100_000
+    cfg.log_every = 50
+
+    cfg.lora = ml_collections.ConfigDict()
+    cfg.lora.rank = 64
+    cfg.lora.alpha = 8.0  # PEFT's default when lora_alpha is unset (official): scale 8/64
+    cfg.lora.targets = TDD_TARGETS
+
+    cfg.solver = ml_collections.ConfigDict()
+    cfg.solver.num_steps = 250  # DDIM teacher grid [1..250]*4 - 1
+
+    cfg.target = ml_collections.ConfigDict()
+    cfg.target.kind = "tdd"
+    cfg.target.k_min = 4
+    cfg.target.k_max = 8
+    cfg.target.bound = config_dict.placeholder(int)  # None: round(1.04 * T / k_min) = 260, the official bound
+    cfg.target.eta = 0.3
+    cfg.target.pcm_phases = 4  # used by kind='pcm' only
+
+    cfg.guidance = ml_collections.ConfigDict()
+    cfg.guidance.w_min = 3.5  # w' (LCM form c + w(c - u), i.e. CFG scale 4.5), fixed
+    cfg.guidance.w_max = 3.5
+    cfg.guidance.rho = 0.2  # fraction of captions replaced by the empty prompt
+    cfg.guidance.mode = "decoupled"  # paper: no CFG on empty-prompt samples; 'official': as train_tdd.py
+
+    cfg.loss = ml_collections.ConfigDict()
+    cfg.loss.kind = "huber"
+    cfg.loss.huber_c = 0.001
+
+    cfg.optim = ml_collections.ConfigDict()
+    cfg.optim.lr = 1e-6
+    cfg.optim.b1 = 0.9
+    cfg.optim.b2 = 0.999
+    cfg.optim.weight_decay = 0.0
+    cfg.optim.grad_clip = 1.0
+    cfg.optim.schedule = "constant"
+    cfg.optim.warmup_steps = 0
+
+    cfg.ema_decay = 0.0  # 0: the target is the online LoRA under stop-gradient (official)
+
+    cfg.batch = ml_collections.ConfigDict()
+    cfg.batch.global_batch = 512  # = per-device batch x devices x grad_accum (official: 16 x 8 GPUs x 4)
+    cfg.batch.grad_accum = 4
+
+    cfg.model = ml_collections.ConfigDict()
+    cfg.model.dtype = "bfloat16"  # compute
+    cfg.model.param_dtype = "float32"  # storage of the frozen base and the LoRA
+    cfg.model.remat = "full"  # gradient checkpointing of every resnet/transformer block
+    cfg.model.attention_impl = config_dict.placeholder(str)  # None: XLA picks; 'cudnn' on GPUs
+
+    cfg.mesh = ml_collections.ConfigDict()
+    cfg.mesh.data = 1
+    cfg.mesh.fsdp = -1  # frozen UNet sharded over every device; the batch over (data, fsdp)
+    cfg.mesh.min_shard_size = 2**16  # smaller arrays (biases, norms) are replicated
+
+    cfg.data = default_data_config()
+    cfg.data.source = "webdataset"  # LAION-style (image, caption) .tar shards
+    cfg.data.path = os.environ.get("TDD_DATA", "")  # e.g. /data/laion-aesthetics/{00000..01023}.tar
+    cfg.data.resolution = cfg.get_ref("resolution")
+    cfg.data.batch_size = cfg.batch.get_ref("global_batch")
+    cfg.data.seed = cfg.get_ref("seed")
+
+    cfg.checkpoint = ml_collections.ConfigDict()
+    cfg.checkpoint.every = 1000
+    cfg.checkpoint.keep = 3
+
+    cfg.validation = ml_collections.ConfigDict()
+    cfg.validation.every = 1000
+    cfg.validation.prompts = (
+        "a photo of an astronaut riding a horse on mars",
+        "a red fox sitting in a snowy forest, golden hour, detailed",
+        "a watercolor painting of a lighthouse by the sea",
+        "portrait of an old man wearing a hat, cinematic lighting",
+    )
+    cfg.validation.seed = 0
+    cfg.validation.steps = (4, 8)
+    cfg.validation.guidance_scale = 1.7  # official demo: CFG 1.7, eta (gamma) 0.2
+    cfg.validation.gamma = 0.2
+    return cfg

@@ -1,0 +1,59 @@
+"""SDXL's conditioning of the UNet: prompt embeddings from both text encoders, pooled embeddings, time ids.
+
+prompt_embeds = concat(penultimate hidden state of text_encoder, of text_encoder_2) along features
+(768 + 1280 = 2048 for SDXL); pooled = text_encoder_2's projected EOS output (1280). The unconditional branch of
+classifier-free guidance is all zeros, not the encoded empty prompt (SDXL's ``force_zeros_for_empty_prompt``).
+The micro-conditioning ``time_ids`` = (orig_h, orig_w, crop_top, crop_left, target_h, target_w).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tdd_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
+
+TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
+
+
+def load_tokenizers(pipeline_dir: str | Path) -> tuple:
+    """The pipeline's two ``CLIPTokenizer``s (local files only)."""
+    from transformers import CLIPTokenizer
+
+    folders = [Path(pipeline_dir) / name for name in TOKENIZER_FOLDERS]
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"tokenizer folders missing from the pipeline dir: {missing}")
+    return tuple(CLIPTokenizer.from_pretrained(str(f), local_files_only=True) for f in folders)
+
+
+def tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
+    """Token ids (B, model_max_length) int32, padded and truncated as diffusers' SDXL pipeline does."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="np").input_ids
+    return ids.astype(np.int32)
+
+
+def encode_prompts(text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWithProjection,
+                   input_ids: jax.Array, input_ids_2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(prompt_embeds (B, T, D1 + D2), pooled_prompt_embeds (B, P)) from both tokenizers' ids."""
+    first = text_encoder(input_ids)
+    second = text_encoder_2(input_ids_2)
+    prompt_embeds = jnp.concatenate([first.penultimate_hidden_state, second.penultimate_hidden_state], axis=-1)
+    return prompt_embeds, second.text_embeds
+
+
+def zero_conditioning(prompt_embeds: jax.Array, pooled: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The unconditional embeddings (SDXL's force_zeros_for_empty_prompt), shaped like the conditional ones."""
+    return jnp.zeros_like(prompt_embeds), jnp.zeros_like(pooled)
+
+
+def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int] = (0, 0),
+             target_size: tuple[int, int] | None = None) -> np.ndarray:
+    """One sample's micro-conditioning (6,) float32; target_size defaults to the original size."""
+    target_size = original_size if target_size is None else target_size
+    return np.array([*original_size, *crop_top_left, *target_size], np.float32)

@@ -1,0 +1,180 @@
+"""Training checkpoints: everything a preempted run needs to continue bit for bit, and what export needs.
+
+One orbax ``CheckpointManager`` step folder holds three items, written atomically (orbax commits a step only
+when every item is complete):
+- ``state``: the TrainState pytree (step, LoRA, EMA LoRA, optimizer state, PRNG key), sharded arrays written by
+  every process;
+- ``data``: each process's data-iterator position as ``process_<i>-of-<n>.json`` (each host reads its own shard,
+  so each has its own position);
+- ``meta``: JSON describing the LoRA (method, rank, alpha, targets, target-rule and guidance settings, step) and
+  the full config, which is what the conversion to diffusers/kohya files writes as safetensors metadata.
+
+Saves are asynchronous: the device arrays are copied off and written in the background while training goes on.
+Resuming never guesses: a checkpoint folder that holds anything but restorable steps is a ``CheckpointError``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+STATE, DATA, META = "state", "data", "meta"
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be used; never answered by silently starting from scratch."""
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """Local paths made absolute (orbax needs that); cloud paths (gs://...) as they are."""
+    return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    return as_path(workdir) / CHECKPOINT_SUBDIR
+
+
+def _data_handler() -> ocp.JsonCheckpointHandler:
+    """JSON written by every process (primary_host=None), one file per process."""
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return ocp.JsonCheckpointHandler(
+        filename=name, multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None))
+
+
+def lora_metadata(cfg, step: int) -> dict[str, Any]:
+    """What a LoRA file needs to say about how it was trained (issue 6's export metadata)."""
+    return {
+        "method": cfg.target.kind, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
+        "targets": list(cfg.lora.targets), "k_min": cfg.target.k_min, "k_max": cfg.target.k_max,
+        "eta": cfg.target.eta, "rho": cfg.guidance.rho, "w_min": cfg.guidance.w_min, "w_max": cfg.guidance.w_max,
+        "guidance_mode": cfg.guidance.mode, "solver_steps": cfg.solver.num_steps, "ema_decay": cfg.ema_decay,
+        "step": int(step), "config": json.loads(cfg.to_json_best_effort()),
+    }
+
+
+class Checkpointer:
+    """Async, keep-last-N checkpoints of (TrainState, data-iterator state, metadata) under ``directory``."""
+
+    def __init__(self, directory: str | os.PathLike, *, every: int, keep: int):
+        self.directory = as_path(directory)
+        self.every = every
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True),
+            item_handlers={STATE: ocp.PyTreeCheckpointHandler(), DATA: _data_handler(),
+                           META: ocp.JsonCheckpointHandler()})
+
+    def latest_step(self) -> int | None:
+        """The newest committed step; an existing folder with content but no committed step is an error."""
+        step = self._manager.latest_step()
+        if step is None and self.directory.is_dir() and any(self.directory.iterdir()):
+            raise CheckpointError(
+                f"{self.directory} is not empty but holds no complete checkpoint "
+                f"({sorted(p.name for p in self.directory.iterdir())[:5]}); refusing to start from scratch over "
+                "it. Remove it or pick another --workdir.")
+        return step
+
+    def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> bool:
+        """Start an async save when ``step`` is a multiple of ``every`` (or ``force``); returns whether it did.
+
+        ``data_state`` is copied now, so the iterator may move on while the save runs.
+        """
+        if not force and step % self.every != 0:
+            return False
+        if step in self._manager.all_steps():
+            return False
+        data_state = json.loads(json.dumps(data_state))
+        return self._manager.save(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.PyTreeSave(state), DATA: ocp.args.JsonSave(data_state), META: ocp.args.JsonSave(meta)}),
+            force=True)
+
+    def restore(self, abstract_state, step: int | None = None):
+        """(state, data_state, meta) of ``step`` (default: latest) laid out like ``abstract_state``.
+
+        ``abstract_state``: the TrainState as ``jax.ShapeDtypeStruct`` leaves carrying their shardings (or
+        concrete arrays), so the restored state can be donated to the compiled step as is.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), abstract_state)
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(**{
+                STATE: ocp.args.PyTreeRestore(target), DATA: ocp.args.JsonRestore(), META: ocp.args.JsonRestore()}))
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} cannot be restored ({type(e).__name__}: {e}). "
+                "It may be truncated or written by a different config/process count; remove that step folder "
+                "to resume from an earlier one.") from e
+        return out[STATE], out[DATA], out[META]
+
+    def wait(self) -> None:
+        """Block until the in-flight async save is committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _strip_value(tree):
+    """nnx.State leaves are saved as {'value': array}; export wants the plain nested dict of arrays."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"}:
+            return tree["value"]
+        return {k: _strip_value(v) for k, v in tree.items()}
+    return tree
+
+
+def _locate(path: str | os.PathLike, step: int | None) -> tuple[epath.Path, int | None]:
+    """Accept a workdir, its checkpoints/ folder or one step folder."""
+    path = as_path(path)
+    if (path / CHECKPOINT_SUBDIR).is_dir():
+        return path / CHECKPOINT_SUBDIR, step
+    if (path / STATE).is_dir() and path.name.isdigit():
+        return path.parent, int(path.name) if step is None else step
+    if path.is_dir():
+        return path, step
+    raise CheckpointError(f"{path} is neither a trainer workdir nor a checkpoint folder")
+
+
+def restore_lora(path: str | os.PathLike, step: int | None = None, ema: bool = False) -> tuple[dict, dict]:
+    """(LoRA tree as a nested dict of numpy arrays, metadata) from a trainer checkpoint, on any host.
+
+    Reads only the LoRA (online, or the EMA copy with ``ema=True``) and the metadata, not the optimizer state,
+    and needs no devices of the training topology. Keys are the model's module path components, ending in
+    ``lora_A``/``lora_B``.
+    """
+    directory, step = _locate(path, step)
+    manager = ocp.CheckpointManager(directory, item_handlers={
+        STATE: ocp.PyTreeCheckpointHandler(), DATA: _data_handler(), META: ocp.JsonCheckpointHandler()})
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint in {directory}")
+    key = "ema_lora" if ema else "lora"
+    try:
+        tree = manager.item_metadata(step)[STATE].tree
+        if tree.get(key) is None:
+            raise CheckpointError(f"checkpoint step {step} in {directory} has no '{key}' tree"
+                                  + (" (trained with ema_decay=0)" if ema else ""))
+        sub = {key: jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree[key])}
+        out = manager.restore(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.PyTreeRestore(item=sub, restore_args=sub, partial_restore=True),
+            META: ocp.args.JsonRestore()}))
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"checkpoint step {step} in {directory} cannot be read: {type(e).__name__}: {e}") from e
+    finally:
+        manager.close()
+    meta = dict(out[META])
+    meta["ema"] = ema
+    return _strip_value(out[STATE][key]), meta

@@ -1,0 +1,195 @@
+"""The frozen SDXL pipeline the trainer distils: graph definitions plus sharded base weights, loaded once.
+
+Each component is split into an nnx graphdef (static structure, closed over by the compiled step) and a
+state of base weights (an argument of the step, so it stays sharded and single-copy instead of being baked
+into the executable as a constant). The UNet's graphdef carries LoRA slots: merged with the online LoRA it is
+the student, with the EMA LoRA the target network, and under ``lora_disabled()`` the teacher, all on the one
+copy of the base weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from tdd_jax import conditioning
+from tdd_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
+from tdd_jax.models.layers import ModelOptions
+from tdd_jax.models.loading import load_state, read_config, weight_files
+from tdd_jax.models.lora import LoRAConfig, attach_lora, split_lora
+from tdd_jax.models.unet import UNet2DConditionModel
+from tdd_jax.models.vae import AutoencoderKL
+from tdd_jax.training import sharding
+
+ENCODERS = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection, "vae": AutoencoderKL}
+GUIDANCE_MODES = ("decoupled", "official")
+
+
+def _dtype(value, field: str):
+    try:
+        return jnp.dtype(value)
+    except TypeError as e:
+        raise ValueError(f"config {field}={value!r} is not a dtype name (e.g. 'float32', 'bfloat16')") from e
+
+
+def model_options(model_cfg) -> ModelOptions:
+    """ModelOptions from ``cfg.model`` (dtype, param_dtype, remat, attention_impl)."""
+    remat = model_cfg.remat
+    if isinstance(remat, bool):  # remat on/off switch: on = checkpoint every block
+        remat = "full" if remat else "none"
+    return ModelOptions(dtype=_dtype(model_cfg.dtype, "model.dtype"),
+                        param_dtype=_dtype(model_cfg.param_dtype, "model.param_dtype"),
+                        attention_impl=model_cfg.attention_impl, remat=remat)
+
+
+def lora_config(lora_cfg) -> LoRAConfig:
+    """LoRAConfig from ``cfg.lora`` (rank, alpha, targets)."""
+    if int(lora_cfg.rank) <= 0:
+        raise ValueError(f"config lora.rank={lora_cfg.rank} must be positive")
+    return LoRAConfig(rank=int(lora_cfg.rank), alpha=lora_cfg.alpha, targets=tuple(lora_cfg.targets))
+
+
+def guidance_mode(cfg) -> str:
+    """``cfg.guidance.mode``, checked: 'decoupled' (the paper) or 'official' (train_tdd.py)."""
+    if cfg.guidance.mode not in GUIDANCE_MODES:
+        raise ValueError(f"config guidance.mode={cfg.guidance.mode!r} is not one of {GUIDANCE_MODES}")
+    return cfg.guidance.mode
+
+
+def min_shard_size(cfg) -> int:
+    """``cfg.mesh.min_shard_size`` (optional): arrays smaller than this are replicated, not FSDP-split."""
+    return int(cfg.mesh.get("min_shard_size", sharding.DEFAULT_MIN_SHARD_SIZE))
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenPipeline:
+    """graphdefs: component name -> nnx graphdef ('unet' with LoRA slots; the encoders when loaded).
+    params: component name -> sharded base-weight state, plus 'empty_prompt' (the encoded "" caption, only in
+    guidance.mode='official'); pass it to the step as ``base_params``.
+    make_unet(key): a UNet with a fresh LoRA drawn from key (its random base weights are meant to be discarded:
+    under jit, only the LoRA leaves of it are kept and XLA drops the rest)."""
+
+    mesh: Mesh
+    graphdefs: dict[str, Any]
+    params: dict[str, Any]
+    make_unet: Callable[[jax.Array], nnx.Module]
+    vae_scaling_factor: float
+    vae_shift_factor: float
+    min_shard_size: int
+
+    @property
+    def has_encoders(self) -> bool:
+        return all(name in self.params for name in ENCODERS)
+
+    def unet(self, params: dict, lora: nnx.State) -> UNet2DConditionModel:
+        """The UNet on the base weights with ``lora`` (wrap calls in ``lora_disabled()`` for the teacher)."""
+        return nnx.merge(self.graphdefs["unet"], lora, params["unet"])
+
+    def encode_prompts(self, params: dict, input_ids: jax.Array, input_ids_2: jax.Array):
+        """(prompt_embeds, pooled_prompt_embeds) from token ids, through both frozen text encoders."""
+        self._require_encoders()
+        return _encode_prompts(self.graphdefs, params, input_ids, input_ids_2)
+
+    def encode_pixels(self, params: dict, pixels: jax.Array, keys: jax.Array) -> jax.Array:
+        """Unscaled VAE posterior draws (B, h, w, C) of images; one PRNG key per example (B, 2).
+
+        pixels are uint8 [0, 255] or floats in [-1, 1]. Per-example keys make the draw independent of how
+        the batch is split into microbatches or over devices.
+        """
+        self._require_encoders()
+        if jnp.issubdtype(pixels.dtype, jnp.integer):
+            pixels = pixels.astype(jnp.float32) / 127.5 - 1.0
+        vae = nnx.merge(self.graphdefs["vae"], params["vae"])
+        mean, logvar = vae.encode(pixels)
+        mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+        return jax.vmap(AutoencoderKL.sample)(keys, mean, logvar)
+
+    def scale_latents(self, latents: jax.Array) -> jax.Array:
+        """Unscaled VAE latents -> the UNet's latent space: (z − shift) · scaling_factor."""
+        return (latents.astype(jnp.float32) - self.vae_shift_factor) * self.vae_scaling_factor
+
+    def encode_batch(self, params: dict, batch: dict, key: jax.Array) -> dict:
+        """A pixel batch -> the cached-source fields (unscaled ``latents``, ``prompt_embeds``,
+        ``pooled_prompt_embeds``): the ``encode_fn`` that fills the latent/embedding cache."""
+        keys = jax.random.split(key, batch["pixels"].shape[0])
+        prompt_embeds, pooled = self.encode_prompts(params, batch["input_ids"], batch["input_ids_2"])
+        return {"latents": self.encode_pixels(params, batch["pixels"], keys),
+                "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+
+    def _require_encoders(self):
+        if not self.has_encoders:
+            raise ValueError("the frozen pipeline was loaded without its text encoders and VAE "
+                             "(load_frozen(..., encoders=False)); pixel/caption batches need them")
+
+
+def _load_component(cls, folder: Path, opts: ModelOptions, mesh: Mesh, min_size: int):
+    """(graphdef, sharded state) of a frozen text encoder or VAE."""
+    config = read_config(folder)
+    abstract = nnx.eval_shape(lambda: cls(config, opts=opts, rngs=nnx.Rngs(0)))
+    shardings = sharding.weight_shardings(mesh, nnx.state(abstract), min_size)
+    return nnx.split(cls.from_pretrained(folder, opts=opts, shardings=shardings))
+
+
+def _encode_prompts(graphdefs: dict, params: dict, input_ids, input_ids_2):
+    te1 = nnx.merge(graphdefs["text_encoder"], params["text_encoder"])
+    te2 = nnx.merge(graphdefs["text_encoder_2"], params["text_encoder_2"])
+    return conditioning.encode_prompts(te1, te2, input_ids, input_ids_2)
+
+
+def _empty_prompt(pipeline_dir: Path, graphdefs: dict, params: dict, mesh: Mesh) -> dict:
+    """The encoded empty caption "" (official mode replaces dropped captions by it), replicated."""
+    ids = [conditioning.tokenize(tok, [""]) for tok in conditioning.load_tokenizers(pipeline_dir)]
+
+    def encode(p):
+        prompt_embeds, pooled = _encode_prompts(graphdefs, p, *ids)
+        return {"prompt_embeds": prompt_embeds[0], "pooled_prompt_embeds": pooled[0]}
+
+    text_params = {k: params[k] for k in ("text_encoder", "text_encoder_2")}
+    return jax.jit(encode, out_shardings=sharding.replicated(mesh))(text_params)
+
+
+def load_frozen(pipeline_dir: str | Path, cfg, mesh: Mesh, *, encoders: bool = True) -> FrozenPipeline:
+    """Load a diffusers SDXL pipeline folder for training, every weight placed in its sharding on ``mesh``.
+
+    cfg fields used: model.{dtype, param_dtype, remat, attention_impl}, lora.{rank, alpha, targets},
+    guidance.mode, mesh.min_shard_size (optional). encoders=False (training from cached latents and
+    embeddings) loads only the UNet, plus, in official guidance mode, the text encoders for as long as it
+    takes to encode the empty caption.
+    """
+    pipeline_dir = Path(pipeline_dir)
+    if not pipeline_dir.is_dir():
+        raise FileNotFoundError(f"config pipeline_dir={str(pipeline_dir)!r} is not a directory")
+    official = guidance_mode(cfg) == "official"
+    opts, lora_cfg, min_size = model_options(cfg.model), lora_config(cfg.lora), min_shard_size(cfg)
+    unet_dir = pipeline_dir / "unet"
+    unet_config = read_config(unet_dir)
+
+    def make_unet(key: jax.Array) -> UNet2DConditionModel:
+        unet = UNet2DConditionModel(unet_config, opts=opts, rngs=nnx.Rngs(0))
+        attach_lora(unet, lora_cfg, nnx.Rngs(key))
+        return unet
+
+    graphdef, _, base_shapes = split_lora(nnx.eval_shape(lambda: make_unet(jax.random.key(0))))
+    graphdefs = {"unet": graphdef}
+    params = {"unet": load_state(base_shapes, weight_files(unet_dir),
+                                 shardings=sharding.weight_shardings(mesh, base_shapes, min_size))}
+    wanted = ENCODERS if encoders else (("text_encoder", "text_encoder_2") if official else ())
+    for name in wanted:
+        graphdefs[name], params[name] = _load_component(ENCODERS[name], pipeline_dir / name, opts, mesh, min_size)
+    if official:
+        params["empty_prompt"] = _empty_prompt(pipeline_dir, graphdefs, params, mesh)
+    if not encoders:
+        for name in wanted:
+            del graphdefs[name], params[name]
+    vae_config = read_config(pipeline_dir / "vae")
+    vae = nnx.eval_shape(lambda: AutoencoderKL(vae_config, opts=opts, rngs=nnx.Rngs(0)))  # for its factors
+    return FrozenPipeline(mesh=mesh, graphdefs=graphdefs, params=params, make_unet=make_unet,
+                          vae_scaling_factor=vae.scaling_factor, vae_shift_factor=vae.shift_factor,
+                          min_shard_size=min_size)

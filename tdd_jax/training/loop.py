@@ -1,0 +1,179 @@
+"""The training loop around the compiled step: data in, checkpoints and metrics out, preemption-safe.
+
+Order of start-up is chosen so that mistakes cost little: the config is validated, the pipeline loaded and an
+existing checkpoint restored (an unreadable one is an error) before the step is compiled. The loop then never
+waits on the device except to log: per-step metrics stay on device and are fetched every ``log_every`` steps,
+then written for every step (scalars) and for the interval (per-sample histograms, e.g. the sampled target
+timesteps). SIGTERM (TPU preemption, ``kill``) lets the step in flight finish, saves, and returns normally; on
+several processes JAX's preemption sync point makes every host stop at the same step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from etils import epath
+from jax.experimental import multihost_utils
+
+from tdd_jax import conditioning
+from tdd_jax.data.loader import make_train_iterator
+from tdd_jax.diffusion.schedule import NoiseSchedule
+from tdd_jax.training import sharding
+from tdd_jax.training.checkpointing import Checkpointer, as_path, checkpoint_dir, lora_metadata
+from tdd_jax.training.config import flatten, validate
+from tdd_jax.training.frozen import load_frozen
+from tdd_jax.training.step import build_train_step, compile_train_step, select_batch
+from tdd_jax.training.validation import Validator, save_png
+
+
+class PreemptionWatch:
+    """Was a stop requested? SIGTERM on one process; JAX's agreed sync step on several."""
+
+    def __init__(self):
+        self._requested = False
+        self._multi = jax.process_count() > 1
+        if not self._multi:  # several processes: JAX's coordination service owns SIGTERM
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        logging.warning("SIGTERM: finishing the step in flight, then saving and exiting.")
+        self._requested = True
+
+    def should_stop(self, step: int) -> bool:
+        if self._multi:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._requested
+
+    def close(self) -> None:
+        if not self._multi:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _tokenizer_fn(pipeline_dir: str):
+    """Captions -> both tokenizers' ids, merged into each batch by the data iterator."""
+    tok1, tok2 = conditioning.load_tokenizers(pipeline_dir)
+    return lambda captions: {"input_ids": conditioning.tokenize(tok1, captions),
+                             "input_ids_2": conditioning.tokenize(tok2, captions)}
+
+
+def _device_batch(mesh, batch: dict) -> dict:
+    """This process's share of the step's fields as global arrays sharded over the batch axes."""
+    return sharding.shard_batch(mesh, select_batch(batch))
+
+
+def _write_interval(writer, history: list[tuple[int, dict]]) -> dict:
+    """Write the scalars of every step of the interval and histograms of its per-sample values.
+
+    The step returns its metrics replicated, so every process can fetch them whole.
+    """
+    history = jax.device_get(history)
+    per_sample: dict[str, list] = {}
+    for step, metrics in history:
+        writer.write_scalars(step, {k: v for k, v in metrics.items() if np.ndim(v) == 0})
+        for k, v in metrics.items():
+            if np.ndim(v) > 0:
+                per_sample.setdefault(k, []).append(np.ravel(v))
+    last_step, last = history[-1]
+    if per_sample:
+        writer.write_histograms(last_step, {k: np.concatenate(v) for k, v in per_sample.items()})
+    return {k: float(v) for k, v in last.items() if np.ndim(v) == 0}
+
+
+def train(cfg, workdir: str | os.PathLike) -> int:
+    """Train (or resume) in ``workdir`` (local or gs://) until ``cfg.num_train_steps`` or a stop request;
+    returns the last step."""
+    workdir = as_path(workdir)
+    validate(cfg)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_chief = jax.process_index() == 0
+    watch = PreemptionWatch()
+    writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_chief, asynchronous=True)
+    checkpoints = Checkpointer(checkpoint_dir(workdir), every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
+    try:
+        return _run(cfg, workdir, watch, writer, checkpoints, is_chief)
+    finally:
+        checkpoints.close()
+        writer.close()
+        watch.close()
+
+
+def _run(cfg, workdir: epath.Path, watch: PreemptionWatch, writer, checkpoints: Checkpointer,
+         is_chief: bool) -> int:
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    logging.info("Mesh %s over %d devices in %d processes.", dict(mesh.shape), jax.device_count(),
+                 jax.process_count())
+    schedule = NoiseSchedule.from_pretrained(cfg.pipeline_dir)
+    validating = cfg.validation.every <= cfg.num_train_steps
+    frozen = load_frozen(cfg.pipeline_dir, cfg, mesh, encoders=cfg.data.source != "cache" or validating)
+    step_fns = build_train_step(cfg, frozen, schedule)
+    data = make_train_iterator(cfg.data, tokenize=None if cfg.data.source == "cache" else _tokenizer_fn(
+        cfg.pipeline_dir))
+    start = checkpoints.latest_step()
+    if start is None:
+        state = step_fns.init_state(jax.random.PRNGKey(cfg.seed))
+    else:  # restored straight into the step's shardings, ready to be donated to it
+        state, data_state, meta = checkpoints.restore(step_fns.abstract_state(), start)
+        data.set_state(data_state)
+        logging.info("Resumed from step %d of %s (method %s).", start, checkpoints.directory, meta["method"])
+    step = int(jax.device_get(state.step))
+    if step >= cfg.num_train_steps:
+        logging.info("Step %d already reaches num_train_steps=%d: nothing to do.", step, cfg.num_train_steps)
+        return step
+    if is_chief and step == 0:
+        writer.write_hparams({k: str(v) for k, v in flatten(cfg).items()})
+
+    batch = _device_batch(mesh, next(data))
+    compiled = compile_train_step(step_fns, batch)
+    mib = {k: f"{v / 2**20:.1f} MiB" for k, v in compiled.memory.items()}
+    logging.info("Compiled train step, per device: %s; FLOPs per step: %s.", mib,
+                 "n/a" if compiled.flops is None else f"{compiled.flops:.4g}")
+    writer.write_scalars(step, {f"compiled/{k}_bytes": v for k, v in compiled.memory.items()}
+                         | ({} if compiled.flops is None else {"compiled/flops_per_step": compiled.flops}))
+
+    validator = Validator(cfg, frozen, schedule) if validating else None
+    if validator is not None and step == 0:
+        _validate(validator, writer, frozen, state, workdir, 0, is_chief)  # the untrained student, for reference
+    progress = periodic_actions.ReportProgress(num_train_steps=cfg.num_train_steps, writer=writer,
+                                               every_steps=cfg.log_every)
+    history: list[tuple[int, dict]] = []
+    previous_loss = None
+    while True:
+        state, metrics = compiled.fn(state, frozen.params, batch)
+        if previous_loss is not None:  # run at most one step ahead: bounds the batches queued on device
+            previous_loss.block_until_ready()
+        previous_loss = metrics["loss"]
+        step += 1
+        history.append((step, metrics))
+        progress(step, time.time())
+        stopping = watch.should_stop(step)
+        done = stopping or step >= cfg.num_train_steps
+        if step % cfg.log_every == 0 or done:
+            last = _write_interval(writer, history)
+            history = []
+            logging.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in sorted(last.items())))
+        if validator is not None and step % cfg.validation.every == 0:
+            _validate(validator, writer, frozen, state, workdir, step, is_chief)
+        checkpoints.save(step, state, data.get_state(), lora_metadata(cfg, step), force=done)
+        if done:
+            break
+        batch = _device_batch(mesh, next(data))
+    if stopping:
+        logging.warning("Stopped at step %d on request; checkpoint saved: rerun with the same --workdir to resume.",
+                        step)
+    logging.info("Data: %s", data.stats)
+    return step
+
+
+def _validate(validator, writer, frozen, state, workdir: epath.Path, step: int, is_chief: bool) -> None:
+    t0 = time.time()
+    grid = validator(frozen.params, state.target_lora)
+    if is_chief:
+        path = save_png(grid, workdir, step)
+        writer.write_images(step, {"validation": grid[None]})
+        logging.info("Validation grid %s (%.1fs).", path, time.time() - t0)

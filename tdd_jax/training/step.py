@@ -1,0 +1,367 @@
+"""The TDD distillation step (the paper's Algorithm 1) as one compiled, sharded function.
+
+Per example: solver index n ~ U{0..N−1}, t_{n+1} = grid[n], t_n = max(t_{n+1} − T/N, 0); a target τ̃ ≤ t_n from
+the configured rule (tdd / pcm / lcm / tcd); x_{t_{n+1}} = α·x0 + σ·ε. The teacher (the base UNet, LoRA off)
+takes one guided DDIM step to x̂_{t_n}; the loss compares the student f_θ(x_{t_{n+1}}, t_{n+1}, τ̃) with the
+target f_θ⁻(x̂_{t_n}, t_n, τ̃), θ⁻ = EMA LoRA (or the online LoRA under stop-gradient when ema_decay = 0).
+
+Empty prompts (probability ρ) follow ``guidance.mode``: 'decoupled' (the paper) conditions those examples on
+the zero embedding and gives them w = 0, so the teacher is unguided there; 'official' (train_tdd.py) conditions
+them on the encoded "" caption and still guides them against the zero embedding.
+
+All randomness is drawn per example from a per-example key, so the step computes the same numbers whether
+the batch is split into microbatches (gradient accumulation, a ``lax.scan``) or over any number of devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tdd_jax.conditioning import zero_conditioning
+from tdd_jax.diffusion.consistency import consistency_fn, lcm_boundary_fn
+from tdd_jax.diffusion.schedule import NoiseSchedule, expand_like
+from tdd_jax.diffusion.solver import (ddim_step, guide, sample_guidance_weight, solver_prev_timesteps,
+                                      solver_timesteps)
+from tdd_jax.diffusion.targets import TargetRule, sample_targets
+from tdd_jax.models.layers import lora_disabled
+from tdd_jax.models.lora import split_lora
+from tdd_jax.training import sharding
+from tdd_jax.training.frozen import FrozenPipeline, guidance_mode
+from tdd_jax.training.state import TrainState
+
+LOSS_KINDS = ("huber", "l2")
+LR_SCHEDULES = ("constant", "warmup")
+# The two kinds of batch the data pipeline yields (other keys, e.g. caption strings, are ignored).
+PIXEL_FIELDS = ("pixels", "input_ids", "input_ids_2", "time_ids")
+CACHED_FIELDS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
+
+
+class Cond(NamedTuple):
+    """What the UNet is conditioned on besides (x_t, t)."""
+
+    prompt_embeds: jax.Array  # (B, 77, 2048)
+    pooled: jax.Array  # (B, 1280)
+    time_ids: jax.Array  # (B, 6)
+
+
+def unet_output(unet, x: jax.Array, t: jax.Array, cond: Cond) -> jax.Array:
+    """The raw UNet output in at least float32 (the diffusion math and the loss never run in bf16)."""
+    added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+    out = unet(x, t, cond.prompt_embeds, added)
+    return out.astype(jnp.promote_types(out.dtype, jnp.float32))
+
+
+def _interleave(a: jax.Array, b: jax.Array) -> jax.Array:
+    """(B, ...) twice -> (2B, ...) as a0, b0, a1, b1, ...: every device keeps both copies of its own examples."""
+    return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
+
+
+def teacher_outputs(frozen: FrozenPipeline, base_params: dict, lora: nnx.State, x: jax.Array, t: jax.Array,
+                    cond: Cond) -> tuple[jax.Array, jax.Array]:
+    """(conditional, unconditional) outputs of the base UNet with LoRA off, as one 2B-example call.
+
+    ``lora`` only fills the graph's LoRA slots; ``lora_disabled`` removes the branches from the computation, so
+    this is exactly the frozen teacher on the same weights as the student.
+    """
+    uncond = Cond(*zero_conditioning(cond.prompt_embeds, cond.pooled), cond.time_ids)
+    both = Cond(*(_interleave(c, u) for c, u in zip(cond, uncond)))
+    with lora_disabled():
+        out = unet_output(frozen.unet(base_params, lora), _interleave(x, x), _interleave(t, t), both)
+    out = out.reshape((x.shape[0], 2) + x.shape[1:])
+    return out[:, 0], out[:, 1]
+
+
+def distillation_loss(pred: jax.Array, target: jax.Array, kind: str, huber_c: float) -> jax.Array:
+    """Pseudo-Huber mean(√((p − t)² + c²) − c) (official, c = 0.001) or mean squared error."""
+    diff = pred.astype(jnp.float32) - target.astype(jnp.float32)
+    if kind == "huber":
+        return jnp.mean(jnp.sqrt(diff**2 + huber_c**2) - huber_c)
+    return jnp.mean(diff**2)
+
+
+def target_rule(cfg, num_train_timesteps: int) -> TargetRule:
+    """TargetRule from ``cfg.target.{kind, k_min, k_max, bound, eta, pcm_phases}`` and ``cfg.solver.num_steps``."""
+    t = cfg.target
+    rule = TargetRule(kind=t.kind, k_min=int(t.k_min), k_max=int(t.k_max),
+                      bound=None if t.bound is None else int(t.bound), eta=float(t.eta),
+                      num_solver_steps=int(cfg.solver.num_steps), num_train_timesteps=num_train_timesteps,
+                      pcm_phases=int(t.pcm_phases))
+    try:
+        return rule.validate()
+    except ValueError as e:
+        raise ValueError(f"config target.* / solver.num_steps: {e}") from e
+
+
+def make_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW after global-norm clipping, from ``cfg.optim.{lr, b1, b2, eps, weight_decay, grad_clip, schedule,
+    warmup_steps}``; grad_clip 0 or None disables clipping; eps is optional (default 1e-8, as official)."""
+    if optim.schedule not in LR_SCHEDULES:
+        raise ValueError(f"config optim.schedule={optim.schedule!r} is not one of {LR_SCHEDULES}")
+    if optim.schedule == "warmup":
+        if int(optim.warmup_steps) <= 0:
+            raise ValueError(f"config optim.warmup_steps={optim.warmup_steps} must be positive with "
+                             "optim.schedule='warmup'")
+        lr = optax.linear_schedule(0.0, float(optim.lr), int(optim.warmup_steps))
+    else:
+        lr = optax.constant_schedule(float(optim.lr))
+    adamw = optax.adamw(lr, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.get("eps", 1e-8)),
+                        weight_decay=float(optim.weight_decay))
+    if optim.grad_clip:
+        return optax.chain(optax.clip_by_global_norm(float(optim.grad_clip)), adamw), lr
+    return adamw, lr
+
+
+def validate_config(cfg, mesh) -> None:
+    """Fail before any compilation, naming the offending field."""
+    guidance_mode(cfg)
+    if not 0.0 <= cfg.guidance.rho <= 1.0:
+        raise ValueError(f"config guidance.rho={cfg.guidance.rho} must be in [0, 1]")
+    if cfg.guidance.w_min > cfg.guidance.w_max:
+        raise ValueError(f"config guidance.w_min={cfg.guidance.w_min} must be <= guidance.w_max="
+                         f"{cfg.guidance.w_max}")
+    if cfg.loss.kind not in LOSS_KINDS:
+        raise ValueError(f"config loss.kind={cfg.loss.kind!r} is not one of {LOSS_KINDS}")
+    if cfg.loss.kind == "huber" and not cfg.loss.huber_c > 0:
+        raise ValueError(f"config loss.huber_c={cfg.loss.huber_c} must be positive")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ValueError(f"config ema_decay={cfg.ema_decay} must be in [0, 1)")
+    batch, accum = int(cfg.batch.global_batch), int(cfg.batch.grad_accum)
+    if accum < 1 or batch % accum:
+        raise ValueError(f"config batch.global_batch={batch} is not divisible by batch.grad_accum={accum}")
+    shards = sharding.num_batch_shards(mesh)
+    if (batch // accum) % shards:
+        raise ValueError(f"config batch.global_batch={batch} / batch.grad_accum={accum} = {batch // accum} "
+                         f"examples per microbatch is not divisible by the {shards} devices of mesh.data x "
+                         "mesh.fsdp")
+
+
+def select_batch(batch: dict) -> dict:
+    """The array fields the step consumes (pixel or cached kind); drop the rest (captions, keys) before
+    ``sharding.shard_batch``."""
+    for fields in (PIXEL_FIELDS, CACHED_FIELDS):
+        if all(k in batch for k in fields):
+            return {k: batch[k] for k in fields}
+    raise ValueError(f"batch has fields {sorted(batch)}; expected all of {PIXEL_FIELDS} (pixels and captions) "
+                     f"or of {CACHED_FIELDS} (cached latents and embeddings)")
+
+
+class CompiledStep(NamedTuple):
+    """An ahead-of-time compiled step with what the loop logs at start-up (per-device numbers)."""
+
+    fn: Any  # (state, base_params, batch) -> (state, metrics); the state argument is donated
+    memory: dict[str, int]  # bytes per device: arguments, outputs, aliased (donated), temporaries, total
+    flops: float | None  # XLA's estimate for one step of one device's program; None where the backend has none
+
+
+@dataclasses.dataclass
+class TrainStep:
+    """The step and its state for one config and frozen pipeline; built by ``build_train_step``.
+
+    init_state(rng) -> TrainState, created sharded. train_step(state, base_params, batch) -> (state, metrics):
+    jitted with the state donated; base_params is ``frozen.params`` and batch a dict of global arrays (see
+    ``sharding.shard_batch``). step_fn is the same function un-jitted. state_shardings / abstract_state():
+    the state's shardings, and its shapes with them (for restoring checkpoints in place).
+    """
+
+    cfg: Any
+    frozen: FrozenPipeline
+    schedule: NoiseSchedule
+    rule: TargetRule
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+
+    def __post_init__(self):
+        mesh = self.frozen.mesh
+        self._grid = solver_timesteps(self.rule.num_solver_steps, self.schedule.num_train_timesteps)
+        self._prev = solver_prev_timesteps(self.rule.num_solver_steps, self.schedule.num_train_timesteps)
+        self._state_shapes = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
+        self.state_shardings = self._state_shardings()
+        base_shardings = jax.tree.map(lambda x: x.sharding, self.frozen.params)
+        metric_sharding = sharding.replicated(mesh)
+        self.init_state = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        self.train_step = jax.jit(
+            self.step_fn, in_shardings=(self.state_shardings, base_shardings, sharding.batch_sharding(mesh)),
+            out_shardings=(self.state_shardings, metric_sharding), donate_argnums=0)
+
+    # --- state ------------------------------------------------------------------------------------------
+
+    def _init_state(self, rng: jax.Array) -> TrainState:
+        lora_key, rng = jax.random.split(rng)
+        lora = split_lora(self.frozen.make_unet(lora_key))[1]
+        ema = jax.tree.map(jnp.copy, lora) if self.cfg.ema_decay > 0 else None
+        return TrainState(step=jnp.zeros((), jnp.int32), lora=lora, ema_lora=ema, opt_state=self.tx.init(lora),
+                          rng=rng)
+
+    def _state_shardings(self) -> TrainState:
+        """LoRA, EMA and optimizer moments by the weight rule; step and rng replicated."""
+        mesh, min_size, shapes = self.frozen.mesh, self.frozen.min_shard_size, self._state_shapes
+        rep = sharding.replicated(mesh)
+        return TrainState(step=rep, rng=rep, lora=sharding.weight_shardings(mesh, shapes.lora, min_size),
+                          ema_lora=sharding.weight_shardings(mesh, shapes.ema_lora, min_size),
+                          opt_state=sharding.weight_shardings(mesh, shapes.opt_state, min_size))
+
+    def abstract_state(self) -> TrainState:
+        """The state as ShapeDtypeStructs carrying their shardings: the target of a checkpoint restore and
+        the state argument of ahead-of-time compilation."""
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            self._state_shapes, self.state_shardings)
+
+    # --- one example's randomness -------------------------------------------------------------------------
+
+    def _draw(self, key: jax.Array, latent_shape: tuple[int, ...]) -> dict:
+        """Everything random about one example, from its own key."""
+        k_n, k_tau, k_noise, k_w, k_empty = jax.random.split(key, 5)
+        g = self.cfg.guidance
+        n = jax.random.randint(k_n, (), 0, self.rule.num_solver_steps)
+        t_cur = jnp.asarray(self._prev, jnp.int32)[n]
+        return {"t_next": jnp.asarray(self._grid, jnp.int32)[n], "t_cur": t_cur,
+                "tau": sample_targets(self.rule, k_tau, t_cur),
+                "noise": jax.random.normal(k_noise, latent_shape, jnp.float32),
+                "w": sample_guidance_weight(k_w, 1, float(g.w_min), float(g.w_max))[0],
+                "empty": jax.random.bernoulli(k_empty, float(g.rho))}
+
+    # --- the distillation loss on one microbatch ------------------------------------------------------------
+
+    def _inputs(self, base_params: dict, mb: dict, vae_keys: jax.Array) -> tuple[jax.Array, Cond]:
+        """(scaled latents x0, conditioning) of a microbatch, through the frozen encoders if it holds pixels."""
+        if "pixels" in mb:
+            latents = self.frozen.encode_pixels(base_params, mb["pixels"], vae_keys)
+            prompt_embeds, pooled = self.frozen.encode_prompts(base_params, mb["input_ids"], mb["input_ids_2"])
+        else:
+            latents, prompt_embeds, pooled = mb["latents"], mb["prompt_embeds"], mb["pooled_prompt_embeds"]
+        cond = Cond(prompt_embeds, pooled, mb["time_ids"].astype(jnp.float32))
+        return jax.lax.stop_gradient((self.frozen.scale_latents(latents), cond))
+
+    def _drop_captions(self, base_params: dict, cond: Cond, w: jax.Array, empty: jax.Array):
+        """Replace the captions of the ``empty`` examples as ``guidance.mode`` says; returns (cond, w)."""
+        if self.cfg.guidance.mode == "official":
+            e = base_params["empty_prompt"]
+            pe, pooled = e["prompt_embeds"][None], e["pooled_prompt_embeds"][None]
+        else:
+            pe, pooled = zero_conditioning(cond.prompt_embeds[:1], cond.pooled[:1])
+            w = jnp.where(empty, 0.0, w)
+        pe = jnp.where(expand_like(empty, cond.prompt_embeds), pe.astype(cond.prompt_embeds.dtype),
+                       cond.prompt_embeds)
+        pooled = jnp.where(expand_like(empty, cond.pooled), pooled.astype(cond.pooled.dtype), cond.pooled)
+        return Cond(pe, pooled, cond.time_ids), w
+
+    def _consistency(self, out: jax.Array, x: jax.Array, t: jax.Array, tau: jax.Array) -> jax.Array:
+        if self.rule.kind == "lcm":
+            return lcm_boundary_fn(self.schedule, out, x, t)
+        return consistency_fn(self.schedule, out, x, t, tau)
+
+    def teacher_step(self, base_params, lora, x_next, t_next, t_cur, cond: Cond, w) -> jax.Array:
+        """x̂_{t_n}: one DDIM step of the guided teacher, CFG (LCM form) on both x̂0 and ε̂."""
+        cond_out, uncond_out = teacher_outputs(self.frozen, base_params, lora, x_next, t_next, cond)
+        x0_c, eps_c = self.schedule.to_x0_eps(cond_out, x_next, t_next)
+        x0_u, eps_u = self.schedule.to_x0_eps(uncond_out, x_next, t_next)
+        return ddim_step(self.schedule, guide(x0_c, x0_u, w), guide(eps_c, eps_u, w), t_cur)
+
+    def _microbatch(self, lora, target_lora, base_params, mb: dict, keys: jax.Array):
+        """(loss, LoRA gradients, per-example metrics) of one microbatch."""
+        keys = jax.vmap(jax.random.split)(keys)  # (b, 2, 2): a VAE-draw key and a key for the rest
+        x0, cond = self._inputs(base_params, mb, keys[:, 0])
+        d = jax.vmap(lambda k: self._draw(k, x0.shape[1:]))(keys[:, 1])
+        cond, w = self._drop_captions(base_params, cond, d["w"], d["empty"])
+        x_next = self.schedule.add_noise(x0, d["noise"], d["t_next"])
+        x_cur = self.teacher_step(base_params, lora, x_next, d["t_next"], d["t_cur"], cond, w)
+        target_out = unet_output(self.frozen.unet(base_params, target_lora), x_cur, d["t_cur"], cond)
+        target = jax.lax.stop_gradient(self._consistency(target_out, x_cur, d["t_cur"], d["tau"]))
+
+        def loss_fn(lora):
+            out = unet_output(self.frozen.unet(base_params, lora), x_next, d["t_next"], cond)
+            pred = self._consistency(out, x_next, d["t_next"], d["tau"])
+            return distillation_loss(pred, target, self.cfg.loss.kind, float(self.cfg.loss.huber_c))
+
+        loss, grads = jax.value_and_grad(loss_fn)(lora)
+        return loss, grads, {"tau": d["tau"], "t_n": d["t_cur"], "w": w}
+
+    # --- the step ---------------------------------------------------------------------------------------------
+
+    def _accumulate(self, lora, target_lora, base_params, batch: dict, keys: jax.Array, accum: int):
+        """Mean loss and gradients over ``accum`` microbatches, one at a time in a ``lax.scan``.
+
+        (B, ...) -> (accum, B/accum, ...): microbatch i takes examples i, i+accum, ...; no data moves between
+        devices, since each device keeps its contiguous block of examples.
+        """
+        size = keys.shape[0]
+        micro_sharding = sharding.microbatched_sharding(self.frozen.mesh)
+
+        def split(x):
+            x = x.reshape((size // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+        def body(acc, inputs):
+            loss, grads, metrics = self._microbatch(lora, target_lora, base_params, *inputs)
+            return jax.tree.map(jnp.add, acc, (loss, grads)), metrics
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, lora))
+        (loss, grads), metrics = jax.lax.scan(body, zeros, jax.tree.map(split, (batch, keys)))
+        loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+        return loss, grads, jax.tree.map(lambda m: m.swapaxes(0, 1).reshape(-1), metrics)  # batch order
+
+    def step_fn(self, state: TrainState, base_params: dict, batch: dict) -> tuple[TrainState, dict]:
+        """One optimizer update on a global batch of ``cfg.batch.global_batch`` examples."""
+        batch, size, accum = select_batch(batch), int(self.cfg.batch.global_batch), int(self.cfg.batch.grad_accum)
+        sizes = {k: v.shape[0] for k, v in batch.items()}
+        if set(sizes.values()) != {size}:
+            raise ValueError(f"batch leading sizes {sizes} differ from config batch.global_batch={size}")
+        rng, step_key = jax.random.split(state.rng)
+        keys = jax.lax.with_sharding_constraint(jax.random.split(step_key, size),
+                                                sharding.batch_sharding(self.frozen.mesh))
+        target_lora = jax.lax.stop_gradient(state.target_lora)
+
+        if accum == 1:  # no loop: compiles twice as fast as a one-trip scan on CPU
+            loss, grads, metrics = self._microbatch(state.lora, target_lora, base_params, batch, keys)
+        else:
+            loss, grads, metrics = self._accumulate(state.lora, target_lora, base_params, batch, keys, accum)
+
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.lora)
+        lora = optax.apply_updates(state.lora, updates)
+        ema = state.ema_lora
+        if ema is not None:
+            mu = float(self.cfg.ema_decay)
+            ema = jax.tree.map(lambda e, p: mu * e + (1.0 - mu) * p, ema, lora)
+        new_state = TrainState(step=state.step + 1, lora=lora, ema_lora=ema, opt_state=opt_state, rng=rng)
+        metrics.update(loss=loss, grad_norm=optax.global_norm(grads), lr=self.lr_schedule(state.step))
+        return new_state, metrics
+
+
+def build_train_step(cfg, frozen: FrozenPipeline, schedule: NoiseSchedule) -> TrainStep:
+    """Validate the step's config fields and build the jitted step for ``frozen``'s mesh.
+
+    cfg fields used: solver.num_steps, target.{kind, k_min, k_max, bound, eta, pcm_phases},
+    guidance.{w_min, w_max, rho, mode}, loss.{kind, huber_c}, optim.{lr, b1, b2, eps (optional), weight_decay,
+    grad_clip, schedule, warmup_steps}, ema_decay, batch.{global_batch, grad_accum}.
+    """
+    validate_config(cfg, frozen.mesh)
+    if cfg.guidance.mode == "official" and "empty_prompt" not in frozen.params:
+        raise ValueError("config guidance.mode='official' needs the encoded empty caption: load the frozen "
+                         "pipeline with the same config")
+    tx, lr = make_optimizer(cfg.optim)
+    return TrainStep(cfg=cfg, frozen=frozen, schedule=schedule,
+                     rule=target_rule(cfg, schedule.num_train_timesteps), tx=tx, lr_schedule=lr)
+
+
+def compile_train_step(step: TrainStep, batch_shapes: dict) -> CompiledStep:
+    """Lower and compile ``step.train_step`` ahead of time for global batches shaped like ``batch_shapes``
+    (arrays or ShapeDtypeStructs), and read XLA's memory and cost analyses for logging."""
+    mesh = step.frozen.mesh
+    batch_shapes = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=sharding.batch_sharding(mesh))
+                    for k, v in select_batch(batch_shapes).items()}
+    compiled = step.train_step.lower(step.abstract_state(), step.frozen.params, batch_shapes).compile()
+    mem = compiled.memory_analysis()
+    memory = {name: int(getattr(mem, f"{name}_size_in_bytes", 0) or 0)
+              for name in ("argument", "output", "alias", "temp", "generated_code")}
+    memory["total"] = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = cost.get("flops") if cost else None
+    return CompiledStep(fn=compiled, memory=memory, flops=None if flops is None else float(flops))

@@ -1,0 +1,73 @@
+"""One train step two ways, from the same state and batch; prints a JSON report for test_train_step.py.
+
+- full_1dev: 1 device, the whole batch at once;
+- accum_8dev: 8 simulated CPU devices (mesh data=2 x fsdp=4, everything FSDP-split), 2 accumulated microbatches.
+Equal results show both that accumulation and that sharding leave the step unchanged (each compile costs
+tens of seconds on a CPU, so the two properties share one comparison).
+Two settings keep the comparison about the plumbing rather than fp32 conditioning: AdamW's eps = 1, so an
+update is ≈ lr·gradient (with eps = 1e-8 the first Adam step is ≈ lr·sign(g), which flips on rounding noise
+wherever g ≈ 0); and the L2 loss (pseudo-Huber with c = 0.001 is nearly L1, whose gradient jumps where a
+residual crosses 0).
+
+Run as a subprocess (``python tests/_multidevice.py PIPELINE_DIR``): the device count must be fixed through
+XLA_FLAGS before JAX is imported, which a pytest process that already imported JAX cannot do.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _step_setup import cached_batch, setup, step_config  # noqa: E402
+
+from tdd_jax.training import sharding  # noqa: E402
+from tdd_jax.training.step import compile_train_step  # noqa: E402
+
+GLOBAL_BATCH = 16  # with 2 microbatches: one example per device and microbatch on 8 devices
+
+
+def _is_split(x) -> bool:
+    return not x.sharding.is_fully_replicated
+
+
+def run(pipeline_dir: str, devices, grad_accum: int) -> dict:
+    mesh = sharding.make_mesh(2, -1, devices) if len(devices) > 1 else sharding.make_mesh(1, 1, devices)
+    cfg = step_config(**{"batch.global_batch": GLOBAL_BATCH, "batch.grad_accum": grad_accum, "optim.lr": 1e-2,
+                         "optim.eps": 1.0, "loss.kind": "l2"})
+    frozen, step = setup(cfg, pipeline_dir, mesh, encoders=False)
+    batch = sharding.shard_batch(mesh, cached_batch(GLOBAL_BATCH))
+    state = step.init_state(jax.random.PRNGKey(0))
+    before = jax.tree.map(np.asarray, state.lora)
+    compiled = compile_train_step(step, batch)
+    state, metrics = compiled.fn(state, frozen.params, batch)
+    delta = jax.tree.map(lambda a, b: np.asarray(a) - b, state.lora, before)
+    return {
+        "loss": float(metrics["loss"]),
+        "grad_norm": float(metrics["grad_norm"]),
+        "delta": [d.tolist() for d in jax.tree.leaves(delta)],
+        "tau": np.asarray(metrics["tau"]).tolist(),
+        "base_split": sum(_is_split(x) for x in jax.tree.leaves(frozen.params)),
+        "base_leaves": len(jax.tree.leaves(frozen.params)),
+        "lora_split": sum(_is_split(x) for x in jax.tree.leaves(state.lora)),
+        "moments_split": sum(_is_split(x) for x in jax.tree.leaves(state.opt_state)),
+        "memory": compiled.memory,
+        "flops": compiled.flops,
+    }
+
+
+def main(pipeline_dir: str) -> None:
+    if jax.device_count() != 8:
+        raise SystemExit(f"expected 8 simulated devices, got {jax.device_count()}")
+    one, eight = jax.devices()[:1], jax.devices()
+    report = {"full_1dev": run(pipeline_dir, one, 1), "accum_8dev": run(pipeline_dir, eight, 2)}
+    print("REPORT " + json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,114 @@
+"""Checkpoints: exact round trip of the train state and data position, LoRA export reads, and refusals."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from tdd_jax.models.layers import LoRAParam
+from tdd_jax.training.checkpointing import CheckpointError, Checkpointer, restore_lora
+from tdd_jax.training.state import TrainState
+
+
+class _Adapter(nnx.Module):
+    def __init__(self, key):
+        a, b = jax.random.split(key)
+        self.to_q = nnx.Dict(lora_A=LoRAParam(jax.random.normal(a, (4, 8))),
+                             lora_B=LoRAParam(jax.random.normal(b, (8, 4))))
+        self.blocks = nnx.List([nnx.Dict(lora_A=LoRAParam(jnp.ones((2, 3))))])
+
+
+def make_state(seed: int, ema: bool) -> TrainState:
+    lora = nnx.state(_Adapter(jax.random.key(seed)))
+    tx = optax.adamw(1e-3)
+    opt_state = tx.init(lora)
+    _, opt_state = tx.update(jax.tree.map(jnp.ones_like, lora), opt_state, lora)  # non-trivial moments
+    return TrainState(step=jnp.asarray(seed, jnp.int32), lora=lora,
+                      ema_lora=jax.tree.map(lambda x: 2 * x, lora) if ema else None,
+                      opt_state=opt_state, rng=jax.random.PRNGKey(seed))
+
+
+META = {"method": "tdd", "rank": 4, "alpha": 8.0, "targets": ["to_q"], "k_min": 4, "k_max": 8, "eta": 0.3,
+        "rho": 0.2, "w_min": 3.5, "w_max": 3.5, "step": 3}
+
+
+def assert_trees_equal(a, b):
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_is_exact_and_keeps_last(tmp_path):
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=3, keep=2)
+    assert ckpt.latest_step() is None
+    states = {s: make_state(s, ema=True) for s in (3, 5, 6, 9)}
+    for s, state in states.items():
+        saved = ckpt.save(s, state, {"consumed": 4 * s}, {**META, "step": s})
+        assert saved == (s % 3 == 0)
+    ckpt.save(10, make_state(10, ema=True), {"consumed": 40}, {**META, "step": 10}, force=True)
+    ckpt.close()
+
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=3, keep=2)
+    assert ckpt.latest_step() == 10
+    state, data_state, meta = ckpt.restore(make_state(0, ema=True), step=9)
+    assert_trees_equal(state, states[9])
+    assert data_state == {"consumed": 36} and meta["step"] == 9
+    with pytest.raises(CheckpointError):  # kept only the last 2 (9 and 10)
+        ckpt.restore(make_state(0, ema=True), step=6)
+    ckpt.close()
+
+
+def test_restore_lora_for_export(tmp_path):
+    state = make_state(3, ema=True)
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=3, keep=2)
+    ckpt.save(3, state, {}, META)
+    ckpt.close()
+    for where in (tmp_path, tmp_path / "checkpoints", tmp_path / "checkpoints" / "3"):
+        lora, meta = restore_lora(where)
+        assert meta["step"] == 3 and meta["method"] == "tdd" and meta["ema"] is False
+        assert set(lora) == {"to_q", "blocks"} and isinstance(lora["to_q"]["lora_A"], np.ndarray)
+        np.testing.assert_array_equal(lora["to_q"]["lora_B"], np.asarray(state.lora["to_q"]["lora_B"][...]))
+        np.testing.assert_array_equal(lora["blocks"]["0"]["lora_A"], np.ones((2, 3)))
+    ema, meta = restore_lora(tmp_path, ema=True)
+    assert meta["ema"] is True
+    np.testing.assert_array_equal(ema["to_q"]["lora_A"], 2 * lora["to_q"]["lora_A"])
+
+
+def test_restore_lora_without_ema_is_an_error(tmp_path):
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=1, keep=1)
+    ckpt.save(1, make_state(1, ema=False), {}, META)
+    ckpt.close()
+    assert restore_lora(tmp_path)[1]["ema"] is False
+    with pytest.raises(CheckpointError, match="ema_lora"):
+        restore_lora(tmp_path, ema=True)
+
+
+def test_corrupted_checkpoint_is_an_error(tmp_path):
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=1, keep=3)
+    ckpt.save(1, make_state(1, ema=False), {}, META)
+    ckpt.close()
+    for f in (tmp_path / "checkpoints" / "1" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"not a checkpoint")
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=1, keep=3)
+    assert ckpt.latest_step() == 1
+    with pytest.raises(CheckpointError, match="step 1 .* cannot be restored"):
+        ckpt.restore(make_state(0, ema=False))
+    ckpt.close()
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        restore_lora(tmp_path)
+
+
+def test_folder_without_complete_checkpoint_is_an_error(tmp_path):
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=1, keep=3)
+    ckpt.save(1, make_state(1, ema=False), {}, META)
+    ckpt.close()
+    shutil.move(tmp_path / "checkpoints" / "1", tmp_path / "checkpoints" / "stray")
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        Checkpointer(tmp_path / "checkpoints", every=1, keep=3).latest_step()
