@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.optim.lr = 1e-6
     cfg.optim.b1 = 0.9
     cfg.optim.b2 = 0.999
+    cfg.optim.eps = 1e-8
     cfg.optim.weight_decay = 0.0
     cfg.optim.grad_clip = 1.0
     cfg.optim.schedule = "constant"

@@ -55,6 +55,7 @@ FIELDS = {
     "optim.lr": float,
     "optim.b1": float,
     "optim.b2": float,
+    "optim.eps": float,
     "optim.weight_decay": float,
     "optim.grad_clip": float,
     "optim.schedule": LR_SCHEDULES,
@@ -167,6 +168,7 @@ def validate(cfg, *, num_devices: int | None = None, process_count: int | None =
     for name in ("b1", "b2"):
         _require(0.0 <= o[name] < 1.0, f"optim.{name}", f"{o[name]} must be in [0, 1)")
     _require(o.weight_decay >= 0, "optim.weight_decay", f"{o.weight_decay} must be >= 0")
+    _require(o.eps > 0, "optim.eps", f"{o.eps} must be > 0")
     _require(o.grad_clip >= 0, "optim.grad_clip", f"{o.grad_clip} must be >= 0 (0: no clipping)")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", f"{o.warmup_steps} must be >= 0")
     _require(o.schedule != "warmup" or o.warmup_steps > 0, "optim.warmup_steps",

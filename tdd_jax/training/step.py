@@ -111,7 +111,7 @@ def make_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]
         lr = optax.linear_schedule(0.0, float(optim.lr), int(optim.warmup_steps))
     else:
         lr = optax.constant_schedule(float(optim.lr))
-    adamw = optax.adamw(lr, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.get("eps", 1e-8)),
+    adamw = optax.adamw(lr, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
                         weight_decay=float(optim.weight_decay))
     if optim.grad_clip:
         return optax.chain(optax.clip_by_global_norm(float(optim.grad_clip)), adamw), lr
