@@ -4,10 +4,12 @@
 - accum_8dev: 8 simulated CPU devices (mesh data=2 x fsdp=4, everything FSDP-split), 2 accumulated microbatches.
 Equal results show both that accumulation and that sharding leave the step unchanged (each compile costs
 tens of seconds on a CPU, so the two properties share one comparison).
-Two settings keep the comparison about the plumbing rather than fp32 conditioning: AdamW's eps = 1, so an
-update is ≈ lr·gradient (with eps = 1e-8 the first Adam step is ≈ lr·sign(g), which flips on rounding noise
-wherever g ≈ 0); and the L2 loss (pseudo-Huber with c = 0.001 is nearly L1, whose gradient jumps where a
-residual crosses 0).
+Three settings keep the comparison about the plumbing rather than float rounding: the model computes in
+float64 (in float32 the LoRA gradients of the two layouts differ by ≈ 2e-5 relative although every example's
+loss is bit-identical: sharding changes the order of the gradients' contractions, and the gradient of a
+consistency loss is a small difference of large terms); AdamW's eps = 1, so an update is ≈ lr·gradient (with
+eps = 1e-8 the first Adam step is ≈ lr·sign(g), which flips on rounding noise wherever g ≈ 0); and the L2 loss
+(pseudo-Huber with c = 0.001 is nearly L1, whose gradient jumps where a residual crosses 0).
 
 Run as a subprocess (``python tests/_multidevice.py PIPELINE_DIR``): the device count must be fixed through
 XLA_FLAGS before JAX is imported, which a pytest process that already imported JAX cannot do.
@@ -22,6 +24,8 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _step_setup import cached_batch, setup, step_config  # noqa: E402
@@ -39,7 +43,8 @@ def _is_split(x) -> bool:
 def run(pipeline_dir: str, devices, grad_accum: int) -> dict:
     mesh = sharding.make_mesh(2, -1, devices) if len(devices) > 1 else sharding.make_mesh(1, 1, devices)
     cfg = step_config(**{"batch.global_batch": GLOBAL_BATCH, "batch.grad_accum": grad_accum, "optim.lr": 1e-2,
-                         "optim.eps": 1.0, "loss.kind": "l2"})
+                         "optim.eps": 1.0, "loss.kind": "l2",
+                         "model.dtype": "float64", "model.param_dtype": "float64"})
     frozen, step = setup(cfg, pipeline_dir, mesh, encoders=False)
     batch = sharding.shard_batch(mesh, cached_batch(GLOBAL_BATCH))
     state = step.init_state(jax.random.PRNGKey(0))

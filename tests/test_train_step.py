@@ -192,14 +192,16 @@ def test_accumulation_and_eight_devices_match_one_device(multidevice_run):
     report = json.loads(next(line for line in out.splitlines() if line.startswith("REPORT "))[len("REPORT "):])
     full, eight = report["full_1dev"], report["accum_8dev"]
 
-    # 8 FSDP devices x 2 accumulated microbatches = 1 device, whole batch (same per-example randomness). Loss
-    # and gradient norm to 1e-5; the update (≈ lr·gradient) to 1e-4: the gradient is proportional to the
-    # residual student − target, a small difference of large terms, which magnifies fp32 rounding (≈ 2e-5).
+    # 8 FSDP devices x 2 accumulated microbatches = 1 device, whole batch (same per-example randomness), in
+    # float64 (see _multidevice.py): loss, gradient norm and LoRA update (≈ lr·gradient) to 1e-5 relative.
     assert eight["tau"] == full["tau"]
     assert eight["loss"] == pytest.approx(full["loss"], rel=1e-5)
     assert eight["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-5)
     d_eight, d_full = _delta(eight), _delta(full)
-    assert np.linalg.norm(d_eight - d_full) <= 1e-4 * np.linalg.norm(d_full)
+    update_error = np.linalg.norm(d_eight - d_full) / np.linalg.norm(d_full)
+    print(f"8 devices vs 1: loss {abs(eight['loss'] / full['loss'] - 1):.2e}, grad norm "
+          f"{abs(eight['grad_norm'] / full['grad_norm'] - 1):.2e}, LoRA update {update_error:.2e} (relative)")
+    assert update_error <= 1e-5
 
     # On 8 devices every base weight, and the LoRA and its Adam moments, are really split.
     assert eight["base_split"] == eight["base_leaves"] and full["base_split"] == 0

@@ -73,13 +73,13 @@ class FrozenPipeline:
     """graphdefs: component name -> nnx graphdef ('unet' with LoRA slots; the encoders when loaded).
     params: component name -> sharded base-weight state, plus 'empty_prompt' (the encoded "" caption, only in
     guidance.mode='official'); pass it to the step as ``base_params``.
-    make_unet(key): a UNet with a fresh LoRA drawn from key (its random base weights are meant to be discarded:
-    under jit, only the LoRA leaves of it are kept and XLA drops the rest)."""
+    new_lora(key): a fresh LoRA state drawn from key (A uniform, B zero), built on an abstract UNet so that no
+    base weight is ever initialised, traced or compiled."""
 
     mesh: Mesh
     graphdefs: dict[str, Any]
     params: dict[str, Any]
-    make_unet: Callable[[jax.Array], nnx.Module]
+    new_lora: Callable[[jax.Array], nnx.State]
     vae_scaling_factor: float
     vae_shift_factor: float
     min_shard_size: int
@@ -172,9 +172,13 @@ def load_frozen(pipeline_dir: str | Path, cfg, mesh: Mesh, *, encoders: bool = T
     unet_config = read_config(unet_dir)
 
     def make_unet(key: jax.Array) -> UNet2DConditionModel:
-        unet = UNet2DConditionModel(unet_config, opts=opts, rngs=nnx.Rngs(0))
+        """Abstract base weights (shapes only) with concrete LoRA weights drawn from key."""
+        unet = nnx.eval_shape(lambda: UNet2DConditionModel(unet_config, opts=opts, rngs=nnx.Rngs(0)))
         attach_lora(unet, lora_cfg, nnx.Rngs(key))
         return unet
+
+    def new_lora(key: jax.Array) -> nnx.State:
+        return split_lora(make_unet(key))[1]
 
     graphdef, _, base_shapes = split_lora(nnx.eval_shape(lambda: make_unet(jax.random.key(0))))
     graphdefs = {"unet": graphdef}
@@ -190,6 +194,6 @@ def load_frozen(pipeline_dir: str | Path, cfg, mesh: Mesh, *, encoders: bool = T
             del graphdefs[name], params[name]
     vae_config = read_config(pipeline_dir / "vae")
     vae = nnx.eval_shape(lambda: AutoencoderKL(vae_config, opts=opts, rngs=nnx.Rngs(0)))  # for its factors
-    return FrozenPipeline(mesh=mesh, graphdefs=graphdefs, params=params, make_unet=make_unet,
+    return FrozenPipeline(mesh=mesh, graphdefs=graphdefs, params=params, new_lora=new_lora,
                           vae_scaling_factor=vae.scaling_factor, vae_shift_factor=vae.shift_factor,
                           min_shard_size=min_size)

@@ -31,7 +31,6 @@ from tdd_jax.diffusion.solver import (ddim_step, guide, sample_guidance_weight, 
                                       solver_timesteps)
 from tdd_jax.diffusion.targets import TargetRule, sample_targets
 from tdd_jax.models.layers import lora_disabled
-from tdd_jax.models.lora import split_lora
 from tdd_jax.training import sharding
 from tdd_jax.training.frozen import FrozenPipeline, guidance_mode
 from tdd_jax.training.state import TrainState
@@ -194,7 +193,7 @@ class TrainStep:
 
     def _init_state(self, rng: jax.Array) -> TrainState:
         lora_key, rng = jax.random.split(rng)
-        lora = split_lora(self.frozen.make_unet(lora_key))[1]
+        lora = self.frozen.new_lora(lora_key)
         ema = jax.tree.map(jnp.copy, lora) if self.cfg.ema_decay > 0 else None
         return TrainState(step=jnp.zeros((), jnp.int32), lora=lora, ema_lora=ema, opt_state=self.tx.init(lora),
                           rng=rng)
