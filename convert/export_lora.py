@@ -20,7 +20,8 @@ from pathlib import Path
 from safetensors.numpy import save_file
 
 from tdd_jax.atomic import atomic_file
-from convert.sources import DTYPES, checkpoint_lora
+from convert.sources import DTYPES
+from tdd_jax.training.checkpointing import checkpoint_lora
 from tdd_jax.models import lora_formats
 
 

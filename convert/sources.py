@@ -9,19 +9,10 @@ import ml_dtypes
 import numpy as np
 
 from tdd_jax.models import lora_formats
-from tdd_jax.models.lora import LoRAConfig
+from tdd_jax.training.checkpointing import checkpoint_lora
 
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
           "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-
-
-def checkpoint_lora(path: str | Path, *, step: int | None = None, ema: bool = False):
-    """(LoRA, training metadata) of a trainer workdir / checkpoint folder (online or EMA adapter)."""
-    from tdd_jax.training.checkpointing import restore_lora  # orbax is only needed for this source
-
-    tree, meta = restore_lora(path, step=step, ema=ema)
-    scale = LoRAConfig(rank=int(meta["rank"]), alpha=meta.get("alpha")).scale
-    return lora_formats.lora_from_tree(tree, scale), meta
 
 
 def lora_source(path: str | Path, shapes: Mapping[str, tuple[int, ...]], *, step: int | None = None,

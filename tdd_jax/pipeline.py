@@ -99,7 +99,7 @@ def load_lora(path: str | Path, models: dict[str, nnx.Module], *, step: int | No
         text_and_unet = {name: models[name] for name in lora_formats.COMPONENTS}
         return {"lora": str(path), "modules": lora_formats.load_lora_file(path, text_and_unet)}
     if path.is_dir():
-        from convert.sources import checkpoint_lora  # orbax is only needed for trainer checkpoints
+        from tdd_jax.training.checkpointing import checkpoint_lora  # orbax: only for trainer checkpoints
 
         lora, meta = checkpoint_lora(path, step=step, ema=ema)
         lora_formats.attach(models["unet"], lora)

@@ -24,6 +24,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from tdd_jax.models import lora_formats
+from tdd_jax.models.lora import LoRAConfig
+
 STATE, DATA, META = "state", "data", "meta"
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -178,3 +181,11 @@ def restore_lora(path: str | os.PathLike, step: int | None = None, ema: bool = F
     meta = dict(out[META])
     meta["ema"] = ema
     return _strip_value(out[STATE][key]), meta
+
+
+def checkpoint_lora(path: str | os.PathLike, *, step: int | None = None, ema: bool = False):
+    """(LoRA as {module path: (A, B, scale)}, metadata) of a trainer workdir / checkpoint folder: what sampling
+    and export attach or write (online adapter, or the EMA one with ``ema=True``)."""
+    tree, meta = restore_lora(path, step=step, ema=ema)
+    scale = LoRAConfig(rank=int(meta["rank"]), alpha=meta.get("alpha")).scale
+    return lora_formats.lora_from_tree(tree, scale), meta
