@@ -100,4 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.validation.steps = (4, 8)
     cfg.validation.guidance_scale = 1.7  # official demo: CFG 1.7, eta (gamma) 0.2
     cfg.validation.gamma = 0.2
+    # Reference columns beside the student's: the teacher (LoRA off, DDIM) at 25 steps, and at the student's step
+    # counts, with SDXL's usual CFG.
+    cfg.validation.teacher_steps = 25
+    cfg.validation.teacher_guidance_scale = 5.0
     return cfg

@@ -47,4 +47,6 @@ def get_config():
     cfg.checkpoint.keep = 2
     cfg.validation.every = 100
     cfg.validation.prompts = ("grinning face", "red heart", "cat face", "thumbs up", "rocket", "sun")
+    cfg.validation.steps = (4,)
+    cfg.validation.teacher_guidance_scale = 4.0  # the tiny teacher's contact-sheet CFG
     return cfg

@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from tdd_jax.atomic import atomic_file
 from tdd_jax.diffusion.sampler import FINAL_STEPS, SamplerSettings
+from tdd_jax.image_grid import to_grid
 from tdd_jax.models.layers import ModelOptions
 from tdd_jax.pipeline import MAX_SEED, ImageGeometry, TDDPipeline, check_pipeline_dir
-from tdd_jax.training.validation import to_grid
 
 METADATA = "metadata.jsonl"
 CONTACT_SHEET = "contact_sheet.png"

@@ -20,7 +20,6 @@ from tdd_jax.models.vae import AutoencoderKL
 from tdd_jax.pretrain import loop
 from tdd_jax.pretrain.architecture import text_encoder_configs
 from tdd_jax.pretrain.assemble import SCHEDULER_CONFIG, assemble, save_component
-from tdd_jax.pretrain.contact_sheet import contact_sheet
 from tdd_jax.pretrain.teacher import embed_captions, frozen_text_encoders, teacher_loss
 from tdd_jax.pretrain.tokenizer import caption_words, learn_merges, write_clip_tokenizer
 from tdd_jax.pretrain.vae import vae_loss
@@ -152,13 +151,6 @@ def test_frozen_text_encoders_tell_captions_apart(tmp_path):
     cosine = unit @ unit.T
     # "grinning face" and "red heart" share only their length: the pooled vector must still differ.
     assert cosine[0, 1] < 0.95 and (cosine[~np.eye(len(CAPTIONS), dtype=bool)] < 0.99).all(), cosine
-
-
-def test_contact_sheet_layout():
-    images = np.zeros((3, 2, 8, 8, 3), np.uint8)
-    sheet = contact_sheet(images, ["a", "b", "c"], per_row=2, zoom=2)
-    # 2 cells a row, each 2 samples of 16 px + padding; 2 rows of 16 px + label + padding.
-    assert sheet.size == (2 * (2 * 16 + 8), 2 * (16 + 16 + 8))
 
 
 def test_assembled_pipeline_loads_and_generates_in_diffusers(tmp_path):

@@ -101,8 +101,21 @@ def test_run_logs_decreasing_loss_checkpoints_and_grids(reference):
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [4, 8]
     assert sorted(p.name for p in (workdir / "validation").iterdir()) == [
         "step_00000000.png", "step_00000004.png", "step_00000008.png"]
-    grid = np.asarray(Image.open(workdir / "validation" / "step_00000008.png"))
-    assert grid.shape == (2 * 16, 2 * 16, 3)  # 2 prompts x (4, 8) steps of 16 px
+    first, last = (np.asarray(Image.open(workdir / "validation" / f"step_0000000{s}.png")) for s in (0, 8))
+    # Title line, then per prompt a label line, 16 px images enlarged 8x to 128 px and padding; columns: teacher
+    # 25 steps, base 4 steps, student 4 steps (configs/tdd_tiny.py).
+    assert last.shape == (16 + 2 * (16 + 128 + 8), 3 * 128 + 8, 3)
+    assert "Validation grid" in log and "teacher 25 | base 4 | TDD 4" in log
+
+    def cell(grid, row, column):
+        y = 16 + row * (16 + 128 + 8) + 16
+        return grid[y:y + 128, column * 128:(column + 1) * 128]
+
+    for row in range(2):
+        assert (cell(first, row, 0) == cell(last, row, 0)).all() and (cell(first, row, 1) == cell(last, row, 1)).all()
+        assert (cell(first, row, 2) != cell(last, row, 2)).any()  # only the student changes with training
+    comparison = np.asarray(Image.open(workdir / "comparison.png"))
+    assert (comparison == last).all() and "Side by side after the last step" in log
 
 
 def test_sigterm_saves_and_resume_is_bit_identical(setup, reference):

@@ -12,16 +12,15 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from tdd_jax.data.emoji import load_emoji
 from tdd_jax.diffusion.sampler import SamplerSettings
+from tdd_jax.image_grid import labelled_grid
 from tdd_jax.pipeline import TDDPipeline
 
 # Held-in (train split) names with distinct shapes and colours.
 PROMPTS = ("grinning face", "red heart", "cat face", "dog face", "rocket", "sun", "pile of poo", "fire", "pizza",
            "ghost", "rainbow", "flag: Japan", "snowman", "banana", "frog", "crescent moon")
-LABEL_HEIGHT, CELL_PAD = 16, 8
 
 
 def render(pipeline_dir: str | Path, prompts, *, seeds: int = 4, num_steps: int = 25, guidance_scale: float = 4.0,
@@ -44,22 +43,6 @@ def training_images(data_dir: str, prompts, image_size: int) -> np.ndarray:
     return data["images"][[index[p] for p in prompts]]
 
 
-def contact_sheet(images: np.ndarray, prompts, *, per_row: int = 2, zoom: int = 2) -> Image.Image:
-    """One cell per prompt (its name above its samples side by side), ``per_row`` cells a row, images enlarged
-    ``zoom`` times (nearest, so pixels stay visible)."""
-    rows, seeds, h, w, _ = images.shape
-    cell_w, cell_h = seeds * w * zoom + CELL_PAD, h * zoom + LABEL_HEIGHT + CELL_PAD
-    sheet = Image.new("RGB", (per_row * cell_w, -(-rows // per_row) * cell_h), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, prompt in enumerate(prompts):
-        x, y = (i % per_row) * cell_w, (i // per_row) * cell_h
-        draw.text((x + 2, y + 2), prompt, fill="black")
-        strip = Image.fromarray(np.concatenate(list(images[i]), axis=1))
-        sheet.paste(strip.resize((strip.width * zoom, strip.height * zoom), Image.Resampling.NEAREST),
-                    (x, y + LABEL_HEIGHT))
-    return sheet
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pipeline", required=True, help="the diffusers-format pipeline folder")
@@ -76,7 +59,7 @@ def main(argv=None) -> None:
     if args.data_dir:
         images = np.concatenate([training_images(args.data_dir, args.prompts, images.shape[2])[:, None], images], 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    contact_sheet(images, args.prompts).save(args.out)
+    labelled_grid(images, args.prompts, per_row=2).save(args.out)
     print(f"contact sheet: {len(args.prompts)} prompts x {args.seeds} seeds, {args.num_steps} DDIM steps, "
           f"CFG {args.guidance_scale} -> {args.out}", flush=True)
 

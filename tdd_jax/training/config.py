@@ -77,6 +77,8 @@ FIELDS = {
     "validation.steps": tuple,
     "validation.guidance_scale": float,
     "validation.gamma": float,
+    "validation.teacher_steps": int,
+    "validation.teacher_guidance_scale": float,
 }
 EXTERNAL = ("data",)  # subtrees validated by their own module
 
@@ -197,6 +199,9 @@ def validate(cfg, *, num_devices: int | None = None, process_count: int | None =
              f"{v.steps} must be positive step counts")
     _require(0.0 <= v.gamma <= 1.0, "validation.gamma", f"{v.gamma} must be in [0, 1]")
     _require(v.guidance_scale >= 1.0, "validation.guidance_scale", f"{v.guidance_scale} must be >= 1 (1: no CFG)")
+    _require(v.teacher_steps >= 0, "validation.teacher_steps", f"{v.teacher_steps} must be >= 0 (0: no teacher column)")
+    _require(v.teacher_guidance_scale >= 1.0, "validation.teacher_guidance_scale",
+             f"{v.teacher_guidance_scale} must be >= 1 (1: no CFG)")
 
     if check_pipeline:
         _require(bool(cfg.pipeline_dir), "pipeline_dir",

@@ -29,7 +29,7 @@ from tdd_jax.training.checkpointing import Checkpointer, as_path, checkpoint_dir
 from tdd_jax.training.config import flatten, validate
 from tdd_jax.training.frozen import load_frozen
 from tdd_jax.training.step import build_train_step, compile_train_step, select_batch
-from tdd_jax.training.validation import Validator, save_png
+from tdd_jax.training.validation import COMPARISON, Validator, grid_path, save_png
 
 
 class PreemptionWatch:
@@ -157,8 +157,8 @@ def _run(cfg, workdir: epath.Path, watch: PreemptionWatch, writer, checkpoints: 
             last = _write_interval(writer, history)
             history = []
             logging.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in sorted(last.items())))
-        if validator is not None and step % cfg.validation.every == 0:
-            _validate(validator, writer, frozen, state, workdir, step, is_chief)
+        if validator is not None and (step % cfg.validation.every == 0 or done):
+            _validate(validator, writer, frozen, state, workdir, step, is_chief, final=done)
         checkpoints.save(step, state, data.get_state(), lora_metadata(cfg, step), force=done)
         if done:
             break
@@ -170,10 +170,13 @@ def _run(cfg, workdir: epath.Path, watch: PreemptionWatch, writer, checkpoints: 
     return step
 
 
-def _validate(validator, writer, frozen, state, workdir: epath.Path, step: int, is_chief: bool) -> None:
+def _validate(validator, writer, frozen, state, workdir: epath.Path, step: int, is_chief: bool,
+              final: bool = False) -> None:
     t0 = time.time()
-    grid = validator(frozen.params, state.target_lora)
+    picture = validator.picture(validator(frozen.params, state.target_lora))
     if is_chief:
-        path = save_png(grid, workdir, step)
-        writer.write_images(step, {"validation": grid[None]})
-        logging.info("Validation grid %s (%.1fs).", path, time.time() - t0)
+        path = save_png(picture, grid_path(workdir, step))
+        writer.write_images(step, {"validation": picture[None]})
+        logging.info("Validation grid %s (%.1fs): %s.", path, time.time() - t0, " | ".join(validator.column_labels))
+        if final:
+            logging.info("Side by side after the last step: %s", save_png(picture, workdir / COMPARISON))

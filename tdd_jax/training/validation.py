@@ -1,13 +1,18 @@
-"""Periodic validation grid: the student's few-step samples for fixed prompts and seeds, as one PNG.
+"""Validation grid: the student's few-step samples beside the teacher's, for fixed prompts and seeds, as a PNG.
 
 Loss curves of consistency distillation say little about image quality, so every ``validation.every`` steps
-the trainer renders ``validation.prompts`` (rows) at each of ``validation.steps`` (columns) with the current
-LoRA, from the same initial noise every time, so grids of successive steps are directly comparable. Prompts are
-encoded once; each step count is one compiled function (sampler loop + VAE decode) reused for the whole run.
+(and after the last step) the trainer renders ``validation.prompts`` (rows) from the same initial noise every
+time, in these columns: the teacher with ``validation.teacher_steps`` steps (LoRA off, deterministic DDIM,
+``validation.teacher_guidance_scale``; omitted when 0), then for each of ``validation.steps`` the base model
+with that few steps (same teacher sampler) next to the student with its own γ-sampler. The teacher and base
+columns do not change during training: they are rendered once. The last grid is also written as
+``workdir/comparison.png``: the side-by-side that shows what distillation bought. Prompts are encoded once;
+each column is one compiled function (sampler loop + VAE decode).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -21,6 +26,8 @@ from PIL import Image
 from tdd_jax import conditioning
 from tdd_jax.diffusion.sampler import SamplerSettings, sample
 from tdd_jax.diffusion.schedule import NoiseSchedule
+from tdd_jax.image_grid import labelled_grid
+from tdd_jax.models.layers import lora_disabled
 from tdd_jax.models.loading import read_config
 from tdd_jax.training import sharding
 from tdd_jax.training.frozen import FrozenPipeline
@@ -33,10 +40,13 @@ def sampler_settings(cfg, num_steps: int) -> SamplerSettings:
                            k_min=cfg.target.k_min, k_max=cfg.target.k_max).validate()
 
 
-def to_grid(images: np.ndarray) -> np.ndarray:
-    """(rows, cols, H, W, 3) uint8 -> one (rows·H, cols·W, 3) image."""
-    rows, cols, h, w, c = images.shape
-    return images.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+def teacher_settings(cfg, num_steps: int) -> SamplerSettings:
+    """How the base model is sampled for reference: deterministic DDIM (γ = 0) with the teacher's CFG."""
+    return SamplerSettings(num_steps=num_steps, gamma=0.0, guidance_scale=cfg.validation.teacher_guidance_scale,
+                           grid_steps=cfg.solver.num_steps).validate()
+
+
+COMPARISON = "comparison.png"
 
 
 class Validator:
@@ -58,10 +68,18 @@ class Validator:
         vae_factor = 2 ** (len(read_config(Path(cfg.pipeline_dir) / "vae")["block_out_channels"]) - 1)
         channels = read_config(Path(cfg.pipeline_dir) / "unet")["in_channels"]
         self._latent_shape = (size // vae_factor, size // vae_factor, channels)
-        self._fns = {n: jax.jit(functools.partial(self._render, sampler_settings(cfg, n)),
-                                out_shardings=replicated) for n in cfg.validation.steps}
+        student = cfg.target.kind.upper()
+        teacher_steps = int(cfg.validation.teacher_steps)
+        columns = [(f"teacher {teacher_steps}", teacher_settings(cfg, teacher_steps), False)] if teacher_steps else []
+        for n in cfg.validation.steps:
+            columns += [(f"base {n}", teacher_settings(cfg, n), False), (f"{student} {n}", sampler_settings(cfg, n), True)]
+        self.column_labels = [label for label, _, _ in columns]
+        self._columns = [(jax.jit(functools.partial(self._render, settings, use_lora), out_shardings=replicated),
+                          use_lora) for _, settings, use_lora in columns]
+        self._fixed: dict[int, np.ndarray] = {}  # column -> images of the columns without LoRA, rendered once
 
-    def _render(self, settings: SamplerSettings, params: dict, lora: nnx.State, cond: dict) -> jax.Array:
+    def _render(self, settings: SamplerSettings, use_lora: bool, params: dict, lora: nnx.State,
+                cond: dict) -> jax.Array:
         """Sample and decode; the noise comes from fixed seeds (prompt i: validation.seed + i)."""
         seed = self._cfg.validation.seed
         x_T = jnp.stack([jax.random.normal(jax.random.key(seed + i), self._latent_shape)
@@ -74,23 +92,41 @@ class Validator:
 
         uncond = jax.tree.map(jnp.zeros_like, cond)
         uncond["time_ids"] = cond["time_ids"]
-        latents = sample(model_fn, self._schedule, settings, x_T, key, cond, uncond)
+        # Read while tracing: without LoRA this function is the base model, whatever ``lora`` holds.
+        with contextlib.nullcontext() if use_lora else lora_disabled():
+            latents = sample(model_fn, self._schedule, settings, x_T, key, cond, uncond)
         vae = nnx.merge(self._frozen.graphdefs["vae"], params["vae"])
         z = latents / self._frozen.vae_scaling_factor + self._frozen.vae_shift_factor
         images = vae.decode(z).astype(jnp.float32)
         return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
 
     def __call__(self, params: dict, lora: nnx.State) -> np.ndarray:
-        """The grid as a (rows·H, cols·W, 3) uint8 array: rows = prompts, columns = step counts."""
-        columns = [np.asarray(jax.device_get(fn(params, lora, self._cond)))
-                   for fn in self._fns.values()]
-        return to_grid(np.stack(columns, axis=1))
+        """uint8 images (prompts, columns, H, W, 3), columns as in ``column_labels``."""
+        columns = []
+        for i, (fn, use_lora) in enumerate(self._columns):
+            images = self._fixed.get(i)
+            if images is None:
+                images = np.asarray(jax.device_get(fn(params, lora, self._cond)))
+                if not use_lora:
+                    self._fixed[i] = images
+            columns.append(images)
+        return np.stack(columns, axis=1)
+
+    def picture(self, images: np.ndarray) -> np.ndarray:
+        """The grid as one labelled uint8 picture (prompt above each row, column titles on top); small images
+        are enlarged (nearest) to about 128 px so that they stay legible."""
+        zoom = max(1, 128 // images.shape[2])
+        return np.asarray(labelled_grid(images, list(self._cfg.validation.prompts),
+                                        column_labels=self.column_labels, zoom=zoom))
 
 
-def save_png(grid: np.ndarray, workdir: epath.Path, step: int) -> epath.Path:
-    """workdir/validation/step_<step>.png (workdir may be a gs:// path)."""
-    path = workdir / "validation" / f"step_{step:08d}.png"
+def save_png(picture: np.ndarray, path: epath.Path) -> epath.Path:
+    """Write a PNG atomically enough for a viewer (``path`` may be a gs:// path)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:
-        Image.fromarray(grid).save(f, format="PNG")
+        Image.fromarray(picture).save(f, format="PNG")
     return path
+
+
+def grid_path(workdir: epath.Path, step: int) -> epath.Path:
+    return workdir / "validation" / f"step_{step:08d}.png"
