@@ -18,9 +18,10 @@ from tdd_jax.diffusion.targets import KINDS
 from tdd_jax.models.layers import REMAT_POLICIES
 from tdd_jax.training.frozen import GUIDANCE_MODES
 from tdd_jax.training.sharding import mesh_shape
-from tdd_jax.training.step import LOSS_KINDS, LR_SCHEDULES
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: CPU numerics checks (needs jax_enable_x64)
+LOSS_KINDS = ("huber", "l2")
+LR_SCHEDULES = ("constant", "warmup")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 # Components of a diffusers SDXL folder the trainer reads, with the file that must exist in each.
 PIPELINE_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
@@ -128,8 +129,11 @@ def per_device_batch(cfg, num_devices: int) -> int:
 
 
 def validate(cfg, *, num_devices: int | None = None, process_count: int | None = None,
-             check_pipeline: bool = True) -> None:
-    """Raise ``ConfigError`` naming the first bad field; cheap, touches no model or device memory."""
+             check_pipeline: bool = True, check_data: bool = True) -> None:
+    """Raise ``ConfigError`` naming the first bad field; cheap, touches no model or device memory.
+
+    check_pipeline / check_data: also check the pipeline folder / ``cfg.data`` (the train step alone, built on
+    an already loaded pipeline and fed by the caller, checks neither)."""
     num_devices = jax.device_count() if num_devices is None else num_devices
     process_count = jax.process_count() if process_count is None else process_count
     flat = flatten(cfg, keep=EXTERNAL)
@@ -141,10 +145,12 @@ def validate(cfg, *, num_devices: int | None = None, process_count: int | None =
         _check_type(name, flat[name], spec)
 
     positive = ("resolution", "num_train_steps", "log_every", "lora.rank", "solver.num_steps", "target.k_min",
-                "target.pcm_phases", "mesh.min_shard_size", "batch.global_batch", "batch.grad_accum",
+                "target.pcm_phases", "batch.global_batch", "batch.grad_accum",
                 "checkpoint.every", "checkpoint.keep", "validation.every")
     for name in positive:
         _require(flat[name] > 0, name, f"{flat[name]} must be > 0")
+    _require(flat["mesh.min_shard_size"] >= 0, "mesh.min_shard_size",
+             f"{flat['mesh.min_shard_size']} must be >= 0 (0: split every divisible array)")
     _require(flat["lora.alpha"] > 0, "lora.alpha", f"{flat['lora.alpha']} must be > 0")
     _require(len(flat["lora.targets"]) > 0, "lora.targets", "must name at least one module")
     _require(cfg.resolution % 8 == 0, "resolution", f"{cfg.resolution} must be a multiple of 8 (VAE factor)")
@@ -184,14 +190,8 @@ def validate(cfg, *, num_devices: int | None = None, process_count: int | None =
     except ValueError as e:
         raise ConfigError(str(e).removeprefix("config ")) from e
 
-    _require(cfg.data.batch_size == b.global_batch, "data.batch_size",
-             f"{cfg.data.batch_size} != batch.global_batch={b.global_batch} (one step reads one global batch)")
-    _require(cfg.data.resolution == cfg.resolution, "data.resolution",
-             f"{cfg.data.resolution} != resolution={cfg.resolution}")
-    try:
-        validate_data_config(cfg.data, process_count)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    if check_data:
+        _validate_data(cfg, process_count)
 
     v = cfg.validation
     _require(len(v.prompts) > 0, "validation.prompts", "needs at least one prompt")
@@ -210,3 +210,16 @@ def validate(cfg, *, num_devices: int | None = None, process_count: int | None =
         _require(root.is_dir(), "pipeline_dir", f"{root} is not a directory")
         absent = [f for f in PIPELINE_FILES if not (root / f).is_file()]
         _require(not absent, "pipeline_dir", f"{root} lacks pipeline files {absent}")
+
+
+def _validate_data(cfg, process_count: int) -> None:
+    """``cfg.data`` against the rest of the config, then by the data pipeline's own rules."""
+    batch = cfg.batch.global_batch
+    _require(cfg.data.batch_size == batch, "data.batch_size",
+             f"{cfg.data.batch_size} != batch.global_batch={batch} (one step reads one global batch)")
+    _require(cfg.data.resolution == cfg.resolution, "data.resolution",
+             f"{cfg.data.resolution} != resolution={cfg.resolution}")
+    try:
+        validate_data_config(cfg.data, process_count)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e

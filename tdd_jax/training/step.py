@@ -32,11 +32,10 @@ from tdd_jax.diffusion.solver import (ddim_step, guide, sample_guidance_weight, 
 from tdd_jax.diffusion.targets import TargetRule, sample_targets
 from tdd_jax.models.layers import lora_disabled
 from tdd_jax.training import sharding
-from tdd_jax.training.frozen import FrozenPipeline, guidance_mode
+from tdd_jax.training.config import validate
+from tdd_jax.training.frozen import FrozenPipeline
 from tdd_jax.training.state import TrainState
 
-LOSS_KINDS = ("huber", "l2")
-LR_SCHEDULES = ("constant", "warmup")
 # The two kinds of batch the data pipeline yields (other keys, e.g. caption strings, are ignored).
 PIXEL_FIELDS = ("pixels", "input_ids", "input_ids_2", "time_ids")
 CACHED_FIELDS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
@@ -100,13 +99,8 @@ def target_rule(cfg, num_train_timesteps: int) -> TargetRule:
 
 def make_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW after global-norm clipping, from ``cfg.optim.{lr, b1, b2, eps, weight_decay, grad_clip, schedule,
-    warmup_steps}``; grad_clip 0 or None disables clipping; eps is optional (default 1e-8, as official)."""
-    if optim.schedule not in LR_SCHEDULES:
-        raise ValueError(f"config optim.schedule={optim.schedule!r} is not one of {LR_SCHEDULES}")
+    warmup_steps}`` (checked by ``config.validate``); grad_clip 0 disables clipping."""
     if optim.schedule == "warmup":
-        if int(optim.warmup_steps) <= 0:
-            raise ValueError(f"config optim.warmup_steps={optim.warmup_steps} must be positive with "
-                             "optim.schedule='warmup'")
         lr = optax.linear_schedule(0.0, float(optim.lr), int(optim.warmup_steps))
     else:
         lr = optax.constant_schedule(float(optim.lr))
@@ -115,30 +109,6 @@ def make_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]
     if optim.grad_clip:
         return optax.chain(optax.clip_by_global_norm(float(optim.grad_clip)), adamw), lr
     return adamw, lr
-
-
-def validate_config(cfg, mesh) -> None:
-    """Fail before any compilation, naming the offending field."""
-    guidance_mode(cfg)
-    if not 0.0 <= cfg.guidance.rho <= 1.0:
-        raise ValueError(f"config guidance.rho={cfg.guidance.rho} must be in [0, 1]")
-    if cfg.guidance.w_min > cfg.guidance.w_max:
-        raise ValueError(f"config guidance.w_min={cfg.guidance.w_min} must be <= guidance.w_max="
-                         f"{cfg.guidance.w_max}")
-    if cfg.loss.kind not in LOSS_KINDS:
-        raise ValueError(f"config loss.kind={cfg.loss.kind!r} is not one of {LOSS_KINDS}")
-    if cfg.loss.kind == "huber" and not cfg.loss.huber_c > 0:
-        raise ValueError(f"config loss.huber_c={cfg.loss.huber_c} must be positive")
-    if not 0.0 <= cfg.ema_decay < 1.0:
-        raise ValueError(f"config ema_decay={cfg.ema_decay} must be in [0, 1)")
-    batch, accum = int(cfg.batch.global_batch), int(cfg.batch.grad_accum)
-    if accum < 1 or batch % accum:
-        raise ValueError(f"config batch.global_batch={batch} is not divisible by batch.grad_accum={accum}")
-    shards = sharding.num_batch_shards(mesh)
-    if (batch // accum) % shards:
-        raise ValueError(f"config batch.global_batch={batch} / batch.grad_accum={accum} = {batch // accum} "
-                         f"examples per microbatch is not divisible by the {shards} devices of mesh.data x "
-                         "mesh.fsdp")
 
 
 def select_batch(batch: dict) -> dict:
@@ -334,13 +304,14 @@ class TrainStep:
 
 
 def build_train_step(cfg, frozen: FrozenPipeline, schedule: NoiseSchedule) -> TrainStep:
-    """Validate the step's config fields and build the jitted step for ``frozen``'s mesh.
+    """Validate ``cfg`` (a whole trainer config; ``config.validate`` without the data and pipeline-folder checks,
+    which belong to whoever feeds and loaded the step) and build the jitted step for ``frozen``'s mesh.
 
     cfg fields used: solver.num_steps, target.{kind, k_min, k_max, bound, eta, pcm_phases},
-    guidance.{w_min, w_max, rho, mode}, loss.{kind, huber_c}, optim.{lr, b1, b2, eps (optional), weight_decay,
+    guidance.{w_min, w_max, rho, mode}, loss.{kind, huber_c}, optim.{lr, b1, b2, eps, weight_decay,
     grad_clip, schedule, warmup_steps}, ema_decay, batch.{global_batch, grad_accum}.
     """
-    validate_config(cfg, frozen.mesh)
+    validate(cfg, num_devices=frozen.mesh.size, check_pipeline=False, check_data=False)
     if cfg.guidance.mode == "official" and "empty_prompt" not in frozen.params:
         raise ValueError("config guidance.mode='official' needs the encoded empty caption: load the frozen "
                          "pipeline with the same config")
