@@ -1,0 +1,69 @@
+"""The tiny emoji SDXL shipped in tdd_jax/assets/tiny_sdxl (the embedded default pipeline): diffusers loads it
+and renders what our pipeline renders, it fits the size budget, and its teacher follows the prompt (a sample of
+an emoji name looks more like that emoji than like the other prompts' emoji)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tdd_jax.data.emoji import load_emoji
+from tdd_jax.diffusion.sampler import SamplerSettings
+from tdd_jax.pipeline import TDDPipeline
+from tdd_jax.pretrain.assemble import MAX_PIPELINE_MB, folder_mb
+from tdd_jax.pretrain.contact_sheet import PROMPTS
+
+SHIPPED = Path(__file__).resolve().parents[1] / "tdd_jax" / "assets" / "tiny_sdxl"
+SIZE = 64
+TEACHER = SamplerSettings(num_steps=25, gamma=0.0, guidance_scale=4.0, final_step="tcd")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return TDDPipeline.from_pretrained(SHIPPED)
+
+
+def test_folder_size_and_recipe():
+    assert folder_mb(SHIPPED) <= MAX_PIPELINE_MB
+    recipe = json.loads((SHIPPED / "recipe.json").read_text())
+    assert {"vae", "teacher"} <= set(recipe)
+    assert recipe["vae"]["seed"] == recipe["teacher"]["seed"] == 0
+    assert recipe["vae"]["psnr_test_db"] > 20.0, recipe["vae"]
+
+
+def test_diffusers_loads_it_and_renders_what_we_render(pipe):
+    from diffusers import StableDiffusionXLPipeline, TCDScheduler
+
+    ref = StableDiffusionXLPipeline.from_pretrained(SHIPPED, local_files_only=True)
+    ref.scheduler = TCDScheduler.from_config(ref.scheduler.config, original_inference_steps=250)
+    ref.set_progress_bar_config(disable=True)
+    prompt, steps = "grinning face", 4
+    latents = torch.randn(1, 4, SIZE // 4, SIZE // 4, generator=torch.Generator().manual_seed(0))
+    theirs = ref(prompt=prompt, latents=latents, num_inference_steps=steps, guidance_scale=TEACHER.guidance_scale,
+                 eta=0.0, height=SIZE, width=SIZE, output_type="np").images
+    settings = SamplerSettings(num_steps=steps, gamma=0.0, guidance_scale=TEACHER.guidance_scale, final_step="tcd")
+    ours = pipe([prompt], settings, latents=latents.numpy().transpose(0, 2, 3, 1), output_type="float")
+    assert theirs.shape == ours.shape == (1, SIZE, SIZE, 3)
+    err = float(np.abs(ours - theirs).max())
+    print(f"shipped tiny SDXL, ours vs diffusers (4 TCD steps, CFG 4): max |image diff| = {err:.2e}")
+    assert err <= 1e-3
+    assert ours.std() > 0.05  # an image, not a flat field
+
+
+@pytest.mark.xfail(strict=True, reason="issue 5: the shipped 3,000-step teacher is below the quality bar (2/32 "
+                   "samples nearest to their own emoji, chance is 2/32); strict, so a better teacher turns this red "
+                   "until the mark is removed")
+def test_teacher_samples_follow_their_prompt(pipe, tmp_path_factory):
+    """25-step teacher samples of the contact sheet's held-in names, two seeds each: each sample must be nearer
+    (pixel MSE) to its own name's training image than to the other names' images for most names."""
+    data = load_emoji(str(tmp_path_factory.mktemp("emoji")), "train", SIZE)
+    index = {str(c): i for i, c in enumerate(data["captions"])}
+    references = data["images"][[index[p] for p in PROMPTS]].astype(np.float32) / 255.0
+    samples = pipe([p for p in PROMPTS for _ in range(2)], TEACHER, seeds=list(range(2 * len(PROMPTS))),
+                   output_type="float").reshape(len(PROMPTS), 2, SIZE, SIZE, 3)
+    distance = ((samples[:, :, None] - references[None, None]) ** 2).mean(axis=(3, 4, 5))  # (prompt, seed, ref)
+    own = distance.argmin(axis=2) == np.arange(len(PROMPTS))[:, None]
+    print(f"teacher samples nearest to their own emoji: {own.sum()}/{own.size}")
+    assert own.mean() >= 0.75, own
