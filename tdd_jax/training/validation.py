@@ -72,7 +72,8 @@ class Validator:
         teacher_steps = int(cfg.validation.teacher_steps)
         columns = [(f"teacher {teacher_steps}", teacher_settings(cfg, teacher_steps), False)] if teacher_steps else []
         for n in cfg.validation.steps:
-            columns += [(f"base {n}", teacher_settings(cfg, n), False), (f"{student} {n}", sampler_settings(cfg, n), True)]
+            columns += [(f"base {n}", teacher_settings(cfg, n), False),
+                        (f"{student} {n}", sampler_settings(cfg, n), True)]
         self.column_labels = [label for label, _, _ in columns]
         self._columns = [(jax.jit(functools.partial(self._render, settings, use_lora), out_shardings=replicated),
                           use_lora) for _, settings, use_lora in columns]
