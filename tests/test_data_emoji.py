@@ -78,3 +78,20 @@ def test_emoji_source_through_the_loader(data_dir):
     cfg.update(dict(split="test", num_epochs=1, drop_remainder=False, batch_size=50))
     held_out = [c for b in make_train_iterator(cfg, process_index=0, process_count=1) for c in b["captions"]]
     assert sorted(held_out) == sorted(load_emoji(data_dir, "test")["captions"])
+
+
+def test_group_selection(data_dir):
+    """data.emoji_groups keeps just those groups (the tiny teacher's), in the loader and in load_emoji; a name
+    that is not a group is an error naming the field."""
+    flags = load_emoji(data_dir, "train", groups=("Flags",))
+    assert 200 < len(flags["captions"]) < 300 and set(flags["groups"]) == {"Flags"}
+    cfg = default_data_config()
+    cfg.update(dict(source="emoji", path=data_dir, resolution=64, batch_size=8, emoji_groups=("Flags",),
+                    num_epochs=1, drop_remainder=False))
+    seen = [c for b in make_train_iterator(cfg, process_index=0, process_count=1) for c in b["captions"]]
+    assert sorted(seen) == sorted(flags["captions"])
+    cfg.emoji_groups = ("Flags", "Flag")
+    with pytest.raises(ValueError, match=r"data.emoji_groups.*\['Flag'\] are not emoji groups"):
+        make_train_iterator(cfg, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match=r"groups.*\['Smileys'\] are not emoji groups"):
+        load_emoji(data_dir, "train", groups=("Smileys",))

@@ -22,6 +22,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.path = ""
     c.split = "train"  # emoji only: 'train' or the fixed ~5% held-out 'test'.
     c.emoji_image_size = 64  # emoji only: size the glyphs are rendered at (before the resize to resolution).
+    c.emoji_groups = ()  # emoji only: keep just these groups' emoji (names from emoji-test.txt); () = all.
     # Pixel sources: SDXL preprocessing (resize shorter side, crop to resolution², optional flip).
     c.resolution = 1024
     c.center_crop = False  # False = uniform random crop.

@@ -157,33 +157,51 @@ def build_emoji_dataset(data_dir: str, image_size: int = 64) -> NotoColorEmoji:
     return builder
 
 
-class EmojiSource:
-    """One split of the built dataset as raw records ``{"key", "image" uint8 array, "caption"}`` for the loader."""
+def check_groups(groups, known, field: str) -> None:
+    """A clear error when ``groups`` (selected by config field ``field``) names a group not in ``known``."""
+    unknown = sorted(set(groups) - set(known))
+    if unknown:
+        raise ValueError(f"{field}={list(groups)!r}: {unknown} are not emoji groups; the groups are {list(known)}.")
 
-    def __init__(self, builder: NotoColorEmoji, split: str):
+
+class EmojiSource:
+    """One split of the built dataset as raw records ``{"key", "image" uint8 array, "caption"}`` for the loader,
+    optionally only the emoji of some groups (empty ``groups``: all)."""
+
+    def __init__(self, builder: NotoColorEmoji, split: str, groups=()):
         if split not in builder.info.splits:
             raise ValueError(f"data.split={split!r}: the emoji dataset has splits {list(builder.info.splits)}.")
         self._data = builder.as_data_source(split=split)
+        self._index = list(range(len(self._data)))
+        if groups:
+            names = builder.info.features["group"].names
+            check_groups(groups, names, "data.emoji_groups")
+            wanted = {names.index(g) for g in groups}
+            self._index = [i for i in self._index if self._data[i]["group"] in wanted]
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._index)
 
     def __getitem__(self, index: int) -> dict:
-        example = self._data[index]
+        example = self._data[self._index[index]]
         return {"key": example["codepoints"].decode(), "image": example["image"],
                 "caption": example["caption"].decode()}
 
 
-def load_emoji(data_dir: str, split: str, image_size: int = 64) -> dict[str, np.ndarray]:
-    """A whole split in memory (for VAE evaluation and tokenizer vocabularies), sorted by code points.
+def load_emoji(data_dir: str, split: str, image_size: int = 64, groups=()) -> dict[str, np.ndarray]:
+    """A whole split in memory (for VAE evaluation and tokenizer vocabularies), sorted by code points; with
+    ``groups``, only those groups' emoji.
 
     Returns ``images`` uint8 (N,S,S,3), ``captions``, ``codepoints``, ``groups``, ``subgroups`` (str arrays).
     """
     builder = build_emoji_dataset(data_dir, image_size)
     data = builder.as_data_source(split=split)
-    examples = sorted((data[i] for i in range(len(data))), key=lambda e: e["codepoints"])
     group_names = builder.info.features["group"].names
     subgroup_names = builder.info.features["subgroup"].names
+    check_groups(groups, group_names, "groups")
+    examples = [data[i] for i in range(len(data))]
+    examples = sorted((e for e in examples if not groups or group_names[e["group"]] in groups),
+                      key=lambda e: e["codepoints"])
     return {
         "images": np.stack([e["image"] for e in examples]),
         "captions": np.array([e["caption"].decode() for e in examples]),

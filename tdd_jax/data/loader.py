@@ -35,7 +35,7 @@ from tdd_jax.data.sources import ImageFolderSource, WebDatasetSource, list_shard
 Tokenize = Callable[[Sequence[str]], Mapping[str, np.ndarray]]
 STATE_VERSION = 1
 # Config fields that decide which element comes next; a state saved under other values cannot be resumed.
-_ORDER_FIELDS = ("source", "path", "split", "emoji_image_size", "resolution", "center_crop", "random_flip",
+_ORDER_FIELDS = ("source", "path", "split", "emoji_image_size", "emoji_groups", "resolution", "center_crop", "random_flip",
                  "interpolation", "min_image_size", "batch_size", "seed", "shuffle", "num_epochs")
 
 
@@ -169,7 +169,7 @@ def _open_source(cfg: ml_collections.ConfigDict, process_index: int, process_cou
     if cfg.source == "folder":
         return ImageFolderSource(cfg.path), False
     if cfg.source == "emoji":
-        return EmojiSource(build_emoji_dataset(cfg.path, cfg.emoji_image_size), cfg.split), False
+        return EmojiSource(build_emoji_dataset(cfg.path, cfg.emoji_image_size), cfg.split, cfg.emoji_groups), False
     return CacheSource(cfg.path), False
 
 
@@ -201,6 +201,7 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, *, tokenize: Tokenize | 
         augment_seed = int(np.random.SeedSequence([cfg.seed, process_index]).generate_state(1)[0])
         dataset = dataset.random_map(preprocess, seed=augment_seed)
     fingerprint = {f: cfg[f] for f in _ORDER_FIELDS}
+    fingerprint["emoji_groups"] = list(cfg.emoji_groups)  # as a checkpoint's JSON reads it back
     fingerprint.update(process_index=process_index, process_count=process_count)
     return TrainIterator(
         dataset, shard_size=shard_size, batch_size=cfg.batch_size // process_count, drop_remainder=cfg.drop_remainder,
