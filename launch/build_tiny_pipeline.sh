@@ -6,9 +6,8 @@
 #
 #   bash launch/build_tiny_pipeline.sh [WORK_DIR]      # default WORK_DIR: workdirs/tiny_sdxl_build
 #
-# Budget: <= 90 minutes on a 2-core CPU machine; measured 81 min on 2026-11-23 (VAE 18, teacher 61, data +
-# tokenizer + assembly + contact sheet 2; other jobs shared the cores part of the time; sizes in
-# tdd_jax/pretrain/architecture.py). Every stage prints
+# Budget: <= 90 minutes on a 2-core CPU machine; measured 74 min on 2026-11-23 (VAE 18, teacher 55, data +
+# tokenizer + assembly + contact sheet 1.5; sizes in tdd_jax/pretrain/architecture.py). Every stage prints
 # progress with an ETA; re-running the script skips finished stages and resumes an interrupted one from its last
 # checkpoint (WORK_DIR/runs/<stage>/); delete WORK_DIR to rebuild from scratch. Step counts can be overridden for quick trials
 # (VAE_STEPS=20 TEACHER_STEPS=20 ...), which changes the result; the defaults below are the recipe.
@@ -24,9 +23,9 @@ SEED=0
 VAE_STEPS=${VAE_STEPS:-1000}
 VAE_BATCH=16
 VAE_LR=1e-3
-TEACHER_STEPS=${TEACHER_STEPS:-3000}
+TEACHER_STEPS=${TEACHER_STEPS:-6000}
 TEACHER_BATCH=32
-TEACHER_LR=5e-4
+TEACHER_LR=1e-3
 
 start=$SECONDS
 stage() { echo "=== $1 ($(( (SECONDS - start) / 60 )) min elapsed)"; }

@@ -20,7 +20,7 @@ from tdd_jax.models.vae import AutoencoderKL
 from tdd_jax.pretrain import loop
 from tdd_jax.pretrain.architecture import text_encoder_configs
 from tdd_jax.pretrain.assemble import SCHEDULER_CONFIG, assemble, save_component
-from tdd_jax.pretrain.teacher import embed_captions, frozen_text_encoders, teacher_loss
+from tdd_jax.pretrain.teacher import embed_captions, frozen_text_encoders, min_snr_weight, teacher_loss
 from tdd_jax.pretrain.tokenizer import caption_words, learn_merges, write_clip_tokenizer
 from tdd_jax.pretrain.vae import vae_loss
 
@@ -117,7 +117,25 @@ def test_teacher_steps_reduce_loss():
              "pooled": jnp.asarray(rng.standard_normal((2, 32)), jnp.float32),
              "time_ids": jnp.asarray(np.tile(time_ids((16, 16)), (2, 1)))}
     schedule = NoiseSchedule.from_config(SCHEDULER_CONFIG)
-    _loss_drops(model, lambda m, b, k: teacher_loss(m, b, k, schedule, 1.0, caption_dropout=0.5), batch, lr=3e-3)
+    _loss_drops(model, lambda m, b, k: teacher_loss(m, b, k, schedule, 1.0, caption_dropout=0.5,
+                                                      min_snr_gamma=5.0), batch, lr=3e-3)
+
+
+def test_min_snr_weights_match_diffusers_training_scripts():
+    """min(SNR, γ)/SNR as diffusers' text-to-image script weights the ε-loss (compute_snr, γ = 5)."""
+    import torch
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    t = np.array([0, 1, 50, 200, 500, 999])
+    snr = compute_snr(scheduler, torch.from_numpy(t))
+    theirs = (torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0] / snr).numpy()
+    ours = np.asarray(min_snr_weight(NoiseSchedule.from_config(SCHEDULER_CONFIG), jnp.asarray(t), 5.0))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    assert ours[0] < 0.01 and ours[-1] == 1.0  # clean steps down-weighted, noisy ones untouched
+    np.testing.assert_array_equal(min_snr_weight(NoiseSchedule.from_config(SCHEDULER_CONFIG), jnp.asarray(t), 0.0),
+                                  np.ones(len(t)))
 
 
 def test_loop_resumes_exactly(tmp_path):

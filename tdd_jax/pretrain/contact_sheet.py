@@ -18,9 +18,9 @@ from tdd_jax.diffusion.sampler import SamplerSettings
 from tdd_jax.image_grid import labelled_grid
 from tdd_jax.pipeline import TDDPipeline
 
-# Held-in (train split) names with distinct shapes and colours.
+# Held-in names (train split, teacher groups) with distinct shapes and colours.
 PROMPTS = ("grinning face", "red heart", "cat face", "dog face", "rocket", "sun", "pile of poo", "fire", "pizza",
-           "ghost", "rainbow", "flag: Japan", "snowman", "banana", "frog", "crescent moon")
+           "ghost", "rainbow", "strawberry", "snowman", "banana", "frog", "crescent moon")
 
 
 def render(pipeline_dir: str | Path, prompts, *, seeds: int = 4, num_steps: int = 25, guidance_scale: float = 4.0,
