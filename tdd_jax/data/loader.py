@@ -35,8 +35,8 @@ from tdd_jax.data.sources import ImageFolderSource, WebDatasetSource, list_shard
 Tokenize = Callable[[Sequence[str]], Mapping[str, np.ndarray]]
 STATE_VERSION = 1
 # Config fields that decide which element comes next; a state saved under other values cannot be resumed.
-_ORDER_FIELDS = ("source", "path", "split", "emoji_image_size", "emoji_groups", "resolution", "center_crop", "random_flip",
-                 "interpolation", "min_image_size", "batch_size", "seed", "shuffle", "num_epochs")
+_ORDER_FIELDS = ("source", "path", "split", "emoji_image_size", "emoji_groups", "resolution", "center_crop",
+                 "random_flip", "interpolation", "min_image_size", "batch_size", "seed", "shuffle", "num_epochs")
 
 
 class TrainIterator:
