@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.optim.eps = 1e-8
     cfg.optim.weight_decay = 0.0
     cfg.optim.grad_clip = 1.0
-    cfg.optim.schedule = "constant"
+    cfg.optim.schedule = "constant"  # official; or "warmup" (linear over warmup_steps), "cosine" (warm-up, then to 0)
     cfg.optim.warmup_steps = 0
 
     cfg.ema_decay = 0.0  # 0: the target is the online LoRA under stop-gradient (official)

@@ -2,11 +2,13 @@
 before anything is loaded, with the offending field named first in the message."""
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
 
 from tdd_jax.training.config import ConfigError, validate
+from tdd_jax.training.step import make_optimizer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -103,3 +105,18 @@ def test_resolution_reference_follows_override():
     assert cfg.data.resolution == 32
     cfg.batch.global_batch = 64
     assert cfg.data.batch_size == 64
+
+
+@pytest.mark.parametrize("schedule, warmup, expected", [
+    ("constant", 0, {0: 1.0, 5: 1.0, 10: 1.0}),
+    ("warmup", 4, {0: 0.0, 2: 0.5, 4: 1.0, 10: 1.0}),
+    # linear warm-up over 2 steps, then half a cosine period down to 0 at num_train_steps = 10
+    ("cosine", 2, {0: 0.0, 1: 0.5, 2: 1.0, 6: 0.5, 4: 0.5 * (1 + math.cos(math.pi / 4)), 10: 0.0}),
+    ("cosine", 0, {0: 1.0, 5: 0.5, 10: 0.0}),
+])
+def test_learning_rate_schedules(schedule, warmup, expected):
+    cfg = load_config("tdd_sdxl")
+    cfg.optim.update(lr=1.0, schedule=schedule, warmup_steps=warmup)
+    _, lr = make_optimizer(cfg.optim, num_train_steps=10)
+    for step, value in expected.items():
+        assert float(lr(step)) == pytest.approx(value, abs=1e-6), (schedule, step)

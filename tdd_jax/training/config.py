@@ -21,7 +21,7 @@ from tdd_jax.training.sharding import mesh_shape
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: CPU numerics checks (needs jax_enable_x64)
 LOSS_KINDS = ("huber", "l2")
-LR_SCHEDULES = ("constant", "warmup")
+LR_SCHEDULES = ("constant", "warmup", "cosine")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 # Components of a diffusers SDXL folder the trainer reads, with the file that must exist in each.
 PIPELINE_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",

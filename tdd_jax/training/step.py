@@ -97,13 +97,21 @@ def target_rule(cfg, num_train_timesteps: int) -> TargetRule:
         raise ValueError(f"config target.* / solver.num_steps: {e}") from e
 
 
-def make_optimizer(optim) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(optim, num_train_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW after global-norm clipping, from ``cfg.optim.{lr, b1, b2, eps, weight_decay, grad_clip, schedule,
-    warmup_steps}`` (checked by ``config.validate``); grad_clip 0 disables clipping."""
+    warmup_steps}`` (checked by ``config.validate``); grad_clip 0 disables clipping.
+
+    Schedules: 'constant' (official); 'warmup', linear from 0 over warmup_steps, then constant; 'cosine', the
+    same warm-up, then a cosine decay to 0 at ``num_train_steps``: a short run ends on averaged-out weights
+    instead of wherever the last noisy steps of a constant rate left them.
+    """
+    peak, warmup = float(optim.lr), int(optim.warmup_steps)
     if optim.schedule == "warmup":
-        lr = optax.linear_schedule(0.0, float(optim.lr), int(optim.warmup_steps))
+        lr = optax.linear_schedule(0.0, peak, warmup)
+    elif optim.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(num_train_steps, warmup + 1), 0.0)
     else:
-        lr = optax.constant_schedule(float(optim.lr))
+        lr = optax.constant_schedule(peak)
     adamw = optax.adamw(lr, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
                         weight_decay=float(optim.weight_decay))
     if optim.grad_clip:
@@ -309,13 +317,13 @@ def build_train_step(cfg, frozen: FrozenPipeline, schedule: NoiseSchedule) -> Tr
 
     cfg fields used: solver.num_steps, target.{kind, k_min, k_max, bound, eta, pcm_phases},
     guidance.{w_min, w_max, rho, mode}, loss.{kind, huber_c}, optim.{lr, b1, b2, eps, weight_decay,
-    grad_clip, schedule, warmup_steps}, ema_decay, batch.{global_batch, grad_accum}.
+    grad_clip, schedule, warmup_steps}, num_train_steps, ema_decay, batch.{global_batch, grad_accum}.
     """
     validate(cfg, num_devices=frozen.mesh.size, check_pipeline=False, check_data=False)
     if cfg.guidance.mode == "official" and "empty_prompt" not in frozen.params:
         raise ValueError("config guidance.mode='official' needs the encoded empty caption: load the frozen "
                          "pipeline with the same config")
-    tx, lr = make_optimizer(cfg.optim)
+    tx, lr = make_optimizer(cfg.optim, int(cfg.num_train_steps))
     return TrainStep(cfg=cfg, frozen=frozen, schedule=schedule,
                      rule=target_rule(cfg, schedule.num_train_timesteps), tx=tx, lr_schedule=lr)
 
