@@ -43,6 +43,17 @@ def training_images(data_dir: str, prompts, image_size: int) -> np.ndarray:
     return data["images"][[index[p] for p in prompts]]
 
 
+def follows_prompt(samples: np.ndarray, references: np.ndarray) -> np.ndarray:
+    """Which samples are nearer (pixel MSE) to their own prompt's training image than to every other prompt's.
+
+    samples (P, S, H, W, 3) with S samples of prompt p in row p; references (P, H, W, 3), same scale. Returns
+    bool (P, S). With distinct emoji as prompts this is a cheap recognisability check (chance: 1/P).
+    """
+    samples, references = np.asarray(samples, np.float32), np.asarray(references, np.float32)
+    distance = ((samples[:, :, None] - references[None, None]) ** 2).mean(axis=(3, 4, 5))  # (prompt, sample, ref)
+    return distance.argmin(axis=2) == np.arange(len(references))[:, None]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pipeline", required=True, help="the diffusers-format pipeline folder")
