@@ -43,7 +43,7 @@ def setup(tiny_pipeline_dir, tmp_path_factory):
         "--config.lora.rank=4", "--config.optim.lr=1e-3", "--config.log_every=1", "--config.checkpoint.every=4",
         f"--config.num_train_steps={STEPS}", "--config.mesh.data=2", "--config.mesh.fsdp=4",
         "--config.mesh.min_shard_size=64", "--config.validation.every=1000",
-        "--config.validation.prompts=('a red cat', 'a blue dog')",
+        "--config.validation.prompts=('a red cat', 'a blue dog')", "--config.validation.steps=(4,)",
     ]
     return {"root": root, "overrides": overrides, "cache": root / "jax_cache"}
 
@@ -103,7 +103,7 @@ def test_run_logs_decreasing_loss_checkpoints_and_grids(reference):
         "step_00000000.png", "step_00000004.png", "step_00000008.png"]
     first, last = (np.asarray(Image.open(workdir / "validation" / f"step_0000000{s}.png")) for s in (0, 8))
     # Title line, then per prompt a label line, 16 px images enlarged 8x to 128 px and padding; columns: teacher
-    # 25 steps, base 4 steps, student 4 steps (configs/tdd_tiny.py).
+    # 25 steps, base 4 steps, student 4 steps (configs/tdd_tiny.py with validation.steps=(4,)).
     assert last.shape == (16 + 2 * (16 + 128 + 8), 3 * 128 + 8, 3)
     assert "Validation grid" in log and "teacher 25 | base 4 | TDD 4" in log
 
