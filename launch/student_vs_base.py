@@ -1,4 +1,4 @@
-"""How close the base model and the TDD student get to the teacher's 25-step samples in 4 steps (README numbers).
+"""How close the base model and the TDD student get to the teacher's 25-step samples in a few steps (README numbers).
 
     python3 launch/student_vs_base.py --pipeline tdd_jax/assets/tiny_sdxl --lora workdirs/tdd_tiny \\
         --data_dir workdirs/emoji_data --out workdirs/tdd_tiny/student_vs_base.png
