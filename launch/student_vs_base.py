@@ -4,13 +4,13 @@
         --data_dir workdirs/emoji_data --out workdirs/tdd_tiny/student_vs_base.png
 
 The contact sheet's 16 held-in emoji names × ``--seeds`` initial noises, the same for all three; deterministic
-samplers (γ = 0) on the tiny config's solver grid; teacher and base with CFG 1 + w' = 4.5, the student without
-CFG (w' is distilled into it). Prints the mean |Δ| per pixel (0..255) of base and student to the teacher, with
-their ratio, over every sample and over the samples where the teacher draws its prompt (its sample is nearest
-that emoji's training image among the 16): where the teacher itself draws a noise-coloured blob (some initial
-noises fail for every prompt, see the README) there is no picture for a student to get close to. With
-``--data_dir`` it also counts, per column, the samples that are nearest their own emoji, and ``--out`` writes
-every sample as teacher | base | student.
+samplers (γ = 0) on the student's solver grid; teacher and base with the CFG the student was distilled from
+(1 + w', read from its checkpoint), the student without CFG (w' is distilled into it). Prints the mean |Δ| per
+pixel (0..255) of base and student to the teacher, with their ratio, over every sample and over the samples
+where the teacher draws its prompt (its sample is nearest that emoji's training image among the 16): where the
+teacher itself draws a noise-coloured blob (some initial noises fail for every prompt, see the README) there is
+no picture for a student to get close to. With ``--data_dir`` it also counts, per column, the samples that are
+nearest their own emoji, and ``--out`` writes every sample as teacher | base | student.
 """
 
 import argparse
@@ -39,9 +39,22 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4, help="initial noises per prompt (seeds 0..N-1)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--teacher_steps", type=int, default=25)
-    parser.add_argument("--teacher_guidance_scale", type=float, default=4.5)
-    parser.add_argument("--grid_steps", type=int, default=50, help="solver grid (configs/tdd_tiny.py: 50)")
+    parser.add_argument("--teacher_guidance_scale", type=float,
+                        help="teacher and base CFG (default: 1 + w' of the student's checkpoint)")
+    parser.add_argument("--grid_steps", type=int, help="solver grid (default: the student's training grid)")
     args = parser.parse_args()
+    student_pipe = TDDPipeline.from_pretrained(args.pipeline, lora=args.lora)
+    trained = student_pipe.lora_info
+    if args.teacher_guidance_scale is None:
+        if trained.get("w_max") is None:
+            parser.error(f"--lora {args.lora} does not record its training guidance w': "
+                         "pass --teacher_guidance_scale")
+        args.teacher_guidance_scale = 1.0 + float(trained["w_max"])
+    if args.grid_steps is None:
+        if trained.get("solver_steps") is None:
+            parser.error(f"--lora {args.lora} does not record its solver grid: pass --grid_steps")
+        args.grid_steps = int(trained["solver_steps"])
+    print(f"teacher and base: CFG {args.teacher_guidance_scale}; solver grid {args.grid_steps} steps", flush=True)
     prompts = [p for p in PROMPTS for _ in range(args.seeds)]
     seeds = [j for _ in PROMPTS for j in range(args.seeds)]
 
@@ -53,7 +66,7 @@ def main() -> None:
     base = TDDPipeline.from_pretrained(args.pipeline)
     teacher = render(base, args.teacher_steps, args.teacher_guidance_scale)
     base_images = render(base, args.steps, args.teacher_guidance_scale)
-    student = render(TDDPipeline.from_pretrained(args.pipeline, lora=args.lora), args.steps, 1.0)
+    student = render(student_pipe, args.steps, 1.0)
     n = teacher.shape[0] * teacher.shape[1]
     b, s = gap(base_images, teacher), gap(student, teacher)
     print(f"mean |pixel - teacher {args.teacher_steps} steps|, all {n} samples: base {args.steps} steps {b:.2f}, "

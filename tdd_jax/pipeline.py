@@ -103,7 +103,9 @@ def load_lora(path: str | Path, models: dict[str, nnx.Module], *, step: int | No
 
         lora, meta = checkpoint_lora(path, step=step, ema=ema)
         lora_formats.attach(models["unet"], lora)
-        return {"lora": str(path), "step": meta["step"], "ema": ema, "method": meta.get("method")}
+        # The distillation guidance w' and teacher grid: the reference a student is compared against.
+        return {"lora": str(path), "step": meta["step"], "ema": ema, "method": meta.get("method"),
+                "w_max": meta.get("w_max"), "solver_steps": meta.get("solver_steps")}
     raise FileNotFoundError(f"LoRA {path} is neither a .safetensors file nor a trainer checkpoint folder")
 
 

@@ -30,7 +30,7 @@ from tdd_jax.models.unet import UNet2DConditionModel
 from tdd_jax.models.vae import AutoencoderKL
 
 META = {"method": "tdd", "rank": 4, "alpha": 3.0, "targets": list(TDD_TARGETS), "k_min": 4, "k_max": 8,
-        "eta": 0.3, "rho": 0.2, "w_min": 3.5, "w_max": 3.5, "step": 7}
+        "eta": 0.3, "rho": 0.2, "w_min": 3.5, "w_max": 3.5, "solver_steps": 50, "step": 7}
 
 
 @nnx.jit
@@ -164,6 +164,14 @@ def test_export_metadata_and_ema(exported, checkpoint, student, tmp_path):
     for path, m in online.items():
         np.testing.assert_allclose(ema["unet"][path].up, 0.5 * m.up, rtol=1e-6)
         assert ema["unet"][path].scale == m.scale
+
+
+def test_checkpoint_lora_reports_how_it_was_distilled(checkpoint, base_unet):
+    """Sampling a trainer workdir tells the w' and teacher grid it was trained with (student_vs_base reads them)."""
+    from tdd_jax.pipeline import load_lora
+
+    info = load_lora(checkpoint, {"unet": nnx.clone(base_unet)})
+    assert (info["step"], info["method"], info["w_max"], info["solver_steps"]) == (7, "tdd", 3.5, 50)
 
 
 def test_fused_unet_equals_student(checkpoint, student, tiny_pipeline_dir, base_weights, inputs, tmp_path):
