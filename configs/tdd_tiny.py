@@ -3,7 +3,7 @@
     python -m tdd_jax.train --config=configs/tdd_tiny.py --workdir=runs/tdd_tiny
 
 Only what a laptop-sized run needs differs from the SDXL config: the pipeline and data, 64 px, a small LoRA, a
-higher, decaying learning rate so a thousand steps show the effect, fp32 and no rematerialisation.
+higher, decaying learning rate so a few hundred steps show the effect, fp32 and no rematerialisation.
 """
 
 import os
@@ -21,8 +21,14 @@ def get_config():
     cfg = tdd_sdxl.get_config()
     cfg.pipeline_dir = os.environ.get("TDD_TINY_PIPELINE", os.path.join(REPO, "tdd_jax", "assets", "tiny_sdxl"))
     cfg.resolution = 64
-    cfg.num_train_steps = 1000
+    cfg.num_train_steps = 500
     cfg.log_every = 10
+
+    # CFG 8 (w' = 7; LCM trains with w in [3, 15]): the guidance at which this teacher's 25-step samples follow
+    # their prompts best (48 of 64 samples of the contact-sheet names; 44 at the official CFG 4.5) and at which its
+    # own 4-step DDIM samples break up into blotches, the few-step high-CFG failure that distillation removes.
+    cfg.guidance.w_min = 7.0
+    cfg.guidance.w_max = 7.0
 
     cfg.lora.rank = 16
     cfg.lora.alpha = 16.0
@@ -57,9 +63,9 @@ def get_config():
     cfg.checkpoint.keep = 2
     cfg.validation.every = 100
     cfg.validation.prompts = ("grinning face", "red heart", "cat face", "pizza", "rocket", "sun")
-    # 2 steps beside 4: this teacher's own 4-step DDIM samples are already close to its 25-step ones (README), so
-    # the gap that distillation closes shows at 2 steps.
-    cfg.validation.steps = (2, 4)
+    # 4 steps only: each column is one more compiled sampler at start-up, and the main job must fit 15 minutes on 2
+    # slow cores (launch/student_vs_base.py --steps 2 measures 2 steps).
+    cfg.validation.steps = (4,)
     # Deterministic samplers on both sides, so the columns differ only by the model: the student without extra
     # CFG (w' is distilled into it), the teacher with the CFG the student was distilled from (1 + w').
     cfg.validation.gamma = 0.0
