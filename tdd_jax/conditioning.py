@@ -4,12 +4,17 @@ prompt_embeds = concat(penultimate hidden state of text_encoder, of text_encoder
 (768 + 1280 = 2048 for SDXL); pooled = text_encoder_2's projected EOS output (1280). The unconditional branch of
 classifier-free guidance is all zeros, not the encoded empty prompt (SDXL's ``force_zeros_for_empty_prompt``).
 The micro-conditioning ``time_ids`` = (orig_h, orig_w, crop_top, crop_left, target_h, target_w).
+
+``Cond`` is the one type that carries this conditioning through the trainer, the sampler, validation and the
+pipeline; ``unet_output`` is the one adapter from it to the UNet's call, and ``cfg_pair`` / ``split_cfg_pair``
+the one layout of a classifier-free-guidance batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +50,37 @@ def encode_prompts(text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWit
     second = text_encoder_2(input_ids_2)
     prompt_embeds = jnp.concatenate([first.penultimate_hidden_state, second.penultimate_hidden_state], axis=-1)
     return prompt_embeds, second.text_embeds
+
+
+class Cond(NamedTuple):
+    """What the UNet is conditioned on besides (x_t, t), one row per example."""
+
+    prompt_embeds: jax.Array  # (B, 77, 2048): both encoders' penultimate states
+    pooled: jax.Array  # (B, 1280): text_encoder_2's projected EOS output
+    time_ids: jax.Array  # (B, 6): SDXL micro-conditioning
+
+    def unconditional(self) -> Cond:
+        """SDXL's unconditional branch for these examples: zero embeddings, the same time ids."""
+        return Cond(*zero_conditioning(self.prompt_embeds, self.pooled), self.time_ids)
+
+
+def unet_output(unet, x: jax.Array, t: jax.Array, cond: Cond) -> jax.Array:
+    """The UNet's raw output for ``cond`` in at least float32 (the diffusion math never runs in bf16)."""
+    out = unet(x, t, cond.prompt_embeds, {"text_embeds": cond.pooled, "time_ids": cond.time_ids})
+    return out.astype(jnp.promote_types(out.dtype, jnp.float32))
+
+
+def cfg_pair(cond_tree, uncond_tree):
+    """Two batches (any pytrees of (B, ...) arrays) as one 2B batch c0, u0, c1, u1, ...: interleaved rather than
+    concatenated, so that on a batch-sharded mesh every device keeps both branches of its own examples."""
+    return jax.tree.map(lambda c, u: jnp.stack([c, u], axis=1).reshape((2 * c.shape[0],) + c.shape[1:]),
+                        cond_tree, uncond_tree)
+
+
+def split_cfg_pair(out: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(conditional, unconditional) halves of a model output on a ``cfg_pair`` batch."""
+    out = out.reshape((out.shape[0] // 2, 2) + out.shape[1:])
+    return out[:, 0], out[:, 1]
 
 
 def zero_conditioning(prompt_embeds: jax.Array, pooled: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -24,20 +24,21 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tdd_jax import conditioning
-from tdd_jax.diffusion.sampler import SamplerSettings, sample
+from tdd_jax.diffusion.sampler import SamplerSettings
 from tdd_jax.diffusion.schedule import NoiseSchedule
 from tdd_jax.models import lora_formats
 from tdd_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
-from tdd_jax.models.layers import ModelOptions, lora_scale
+from tdd_jax.models.layers import ModelOptions
 from tdd_jax.models.loading import read_config
+from tdd_jax.models.lora import scale_lora
 from tdd_jax.models.unet import UNet2DConditionModel
 from tdd_jax.models.vae import AutoencoderKL
+from tdd_jax.render import OUTPUT_TYPES, render
 from tdd_jax.training import sharding
 
 MODELS = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel,
           "text_encoder_2": CLIPTextModelWithProjection, "vae": AutoencoderKL}
 COMPONENTS = (*MODELS, *conditioning.TOKENIZER_FOLDERS, "scheduler")
-OUTPUT_TYPES = ("uint8", "float", "latent")
 MAX_SEED = 2**32 - 1
 
 
@@ -127,7 +128,7 @@ def _pad(array: np.ndarray, n: int) -> np.ndarray:
 class TDDPipeline:
     """Loaded SDXL components (+ optional LoRA at a fixed scale) and their compiled render functions.
 
-    The LoRA scale is read when a function is traced, so it is fixed per instance; build another instance for
+    The LoRA scale is part of the loaded models' graph, so it is fixed per instance; build another instance for
     another scale. Inputs and outputs are host numpy arrays of one process (multi-host jobs: one job per host).
     """
 
@@ -157,6 +158,9 @@ class TDDPipeline:
         models = {name: model_cls.from_pretrained(folder / name, opts=opts, shardings=placed)
                   for name, model_cls in MODELS.items()}
         lora_info = None if lora is None else load_lora(lora, models, step=lora_step, ema=lora_ema)
+        if lora is not None:
+            for model in models.values():
+                scale_lora(model, lora_scale)
         graphdefs, params = {}, {}
         for name, model in models.items():
             graphdefs[name], params[name] = nnx.split(model)
@@ -171,38 +175,23 @@ class TDDPipeline:
 
     def _render_impl(self, params: dict, batch: dict, *, settings: SamplerSettings,
                      latent_shape: tuple[int, int, int], output_type: str) -> jax.Array:
-        """Token ids and seeds -> images or latents; the LoRA scale applies to every model call traced here."""
-        with lora_scale(self.lora_scale):
-            unet, text_encoder, text_encoder_2, vae = (nnx.merge(self._graphdefs[k], params[k]) for k in MODELS)
-            b = batch["seeds"].shape[0]
-            ids, ids_2 = batch["ids"], batch["ids_2"]
-            if settings.uses_cfg:  # negative prompts through the encoders in the same 2B batch
-                ids = jnp.concatenate([ids, batch["negative_ids"]])
-                ids_2 = jnp.concatenate([ids_2, batch["negative_ids_2"]])
-            embeds, pooled = conditioning.encode_prompts(text_encoder, text_encoder_2, ids, ids_2)
-            cond = {"prompt_embeds": embeds[:b], "text_embeds": pooled[:b], "time_ids": batch["time_ids"]}
-            uncond = None
-            if settings.uses_cfg:
-                zero_embeds, zero_pooled = conditioning.zero_conditioning(embeds[:b], pooled[:b])
-                use = batch["has_negative"]
-                uncond = {"prompt_embeds": jnp.where(use[:, None, None], embeds[b:], zero_embeds),
-                          "text_embeds": jnp.where(use[:, None], pooled[b:], zero_pooled),
-                          "time_ids": batch["time_ids"]}
-
-            keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(batch["seeds"])
-            x_T = batch.get("latents")
-            if x_T is None:
-                x_T = jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))(keys[:, 0])
-
-            def model_fn(x, t, c):
-                return unet(x, t, c["prompt_embeds"], {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]})
-
-            latents = sample(model_fn, self.schedule, settings, x_T, keys[:, 1], cond, uncond)
-            if output_type == "latent":
-                return latents
-            decoded = vae.decode(latents / vae.scaling_factor + vae.shift_factor).astype(jnp.float32)
-            images = jnp.clip(decoded / 2 + 0.5, 0.0, 1.0)
-            return jnp.round(images * 255).astype(jnp.uint8) if output_type == "uint8" else images
+        """Token ids and seeds -> images or latents (``render.render``)."""
+        unet, text_encoder, text_encoder_2, vae = (nnx.merge(self._graphdefs[k], params[k]) for k in MODELS)
+        b = batch["seeds"].shape[0]
+        ids, ids_2 = batch["ids"], batch["ids_2"]
+        if settings.uses_cfg:  # negative prompts through the encoders in the same 2B batch
+            ids = jnp.concatenate([ids, batch["negative_ids"]])
+            ids_2 = jnp.concatenate([ids_2, batch["negative_ids_2"]])
+        embeds, pooled = conditioning.encode_prompts(text_encoder, text_encoder_2, ids, ids_2)
+        cond = conditioning.Cond(embeds[:b], pooled[:b], batch["time_ids"])
+        uncond = None
+        if settings.uses_cfg:
+            zero = cond.unconditional()
+            use = batch["has_negative"]
+            uncond = conditioning.Cond(jnp.where(use[:, None, None], embeds[b:], zero.prompt_embeds),
+                                       jnp.where(use[:, None], pooled[b:], zero.pooled), batch["time_ids"])
+        return render(unet, vae, self.schedule, settings, batch["seeds"], latent_shape, cond, uncond,
+                      x_T=batch.get("latents"), output_type=output_type)
 
     def __call__(self, prompts: str | Sequence[str], settings: SamplerSettings = SamplerSettings(), *,
                  seeds: int | Sequence[int] = 0, negative_prompts: str | Sequence[str | None] | None = None,

@@ -20,7 +20,8 @@ from _step_setup import cached_batch, pixel_batch, save_step_pipeline, setup, st
 
 from tdd_jax.diffusion.targets import pcm_edges
 from tdd_jax.training import sharding
-from tdd_jax.training.step import Cond, build_train_step, compile_train_step, teacher_outputs, unet_output
+from tdd_jax.conditioning import Cond, unet_output
+from tdd_jax.training.step import build_train_step, compile_train_step, teacher_outputs
 
 MULTIDEVICE_SCRIPT = Path(__file__).with_name("_multidevice.py")
 LR = 3e-2  # far above the official 1e-6, so that a few steps visibly move a rank-4 LoRA
@@ -70,7 +71,7 @@ def test_student_equals_teacher_conditional_at_init(tdd):
 
     @jax.jit
     def student_and_teacher(params, lora):
-        return unet_output(frozen.unet(params, lora), x, t, cond), teacher_outputs(frozen, params, lora, x, t, cond)
+        return unet_output(frozen.unet(params, lora), x, t, cond), teacher_outputs(frozen, params, x, t, cond)
 
     out, (cond_out, uncond_out) = student_and_teacher(frozen.params, state.lora)
     scale = float(jnp.abs(cond_out).max())

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tdd_jax.conditioning import cfg_pair, split_cfg_pair
 from tdd_jax.diffusion.schedule import CLEAN, NoiseSchedule
 from tdd_jax.diffusion.solver import ddim_step, equidistant_timesteps, guide
 
@@ -109,13 +110,13 @@ def dynamic_threshold(x0: jax.Array, percentile: float, max_value: float) -> jax
 
 def guided_model_output(model_fn: ModelFn, settings: SamplerSettings, x: jax.Array, t: jax.Array, cond: Any,
                         uncond: Any) -> jax.Array:
-    """Model output at (x, t) with CFG and guidance-scale tuning; one 2B call [uncond; cond] when CFG is on."""
+    """Model output at (x, t) with CFG and guidance-scale tuning; one 2B call (``cfg_pair``) when CFG is on."""
     batch = x.shape[0]
+    t = jnp.full((batch,), t, jnp.int32)
     if not settings.uses_cfg:
-        return model_fn(x, jnp.full((batch,), t, jnp.int32), cond).astype(jnp.float32)
-    both = jax.tree.map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
-    out = model_fn(jnp.concatenate([x, x], axis=0), jnp.full((2 * batch,), t, jnp.int32), both)
-    out_u, out_c = jnp.split(out.astype(jnp.float32), 2, axis=0)
+        return model_fn(x, t, cond).astype(jnp.float32)
+    x2, t2, both = cfg_pair((x, t, cond), (x, t, uncond))
+    out_c, out_u = split_cfg_pair(model_fn(x2, t2, both).astype(jnp.float32))
     guided = guide(out_c, out_u, settings.guidance_scale - 1.0)
     if settings.w_prime:
         guided = (guided + settings.w_prime * out_u) / (1.0 + settings.w_prime)

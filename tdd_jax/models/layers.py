@@ -7,12 +7,12 @@ loading, LoRA export and kohya/diffusers conversion free of hand-written key tab
 
 LoRA lives on ``Linear`` and ``Conv2d`` as two optional ``LoRAParam`` variables (``lora_A``, ``lora_B``,
 PEFT layouts), so ``nnx.split(model, LoRAParam, ...)`` yields the LoRA tree separately from the frozen base.
+There is no global LoRA switch: the base model is the same architecture built without LoRA slots (see
+``lora.base_graphdef``), which runs on the very same base-weight state.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
 from typing import Any
@@ -62,25 +62,6 @@ def checkpointed(fn, remat: str):
     return nnx.remat(fn, policy=REMAT_POLICIES[remat], graph_updates=False)
 
 
-# LoRA switches are read at trace time, so a teacher call (LoRA off) compiles to exactly the base model.
-_LORA_SCALE = contextvars.ContextVar("tdd_jax_lora_scale", default=1.0)
-
-
-@contextlib.contextmanager
-def lora_scale(scale: float):
-    """Multiply every LoRA branch by ``scale`` inside the block; 0 removes the branches from the graph."""
-    token = _LORA_SCALE.set(float(scale))
-    try:
-        yield
-    finally:
-        _LORA_SCALE.reset(token)
-
-
-def lora_disabled():
-    """The frozen base model: LoRA branches are not computed at all (bit-identical to the base)."""
-    return lora_scale(0.0)
-
-
 def _param_key(rngs: nnx.Rngs):
     """The key ``rngs.params()`` would return, advancing the same counter.
 
@@ -111,9 +92,10 @@ class _LoRAMixin:
         self.lora_alpha_over_rank = 0.0
 
     def _lora_active(self) -> float:
-        if self.lora_A is None:
-            return 0.0
-        return _LORA_SCALE.get() * self.lora_alpha_over_rank
+        """The LoRA branch's multiplier, 0 for a layer without one. It is a static attribute (part of the
+        graphdef, hence of every jit cache key): which model a compiled function runs is fixed by the graph it
+        was traced from, never by state read at trace time."""
+        return 0.0 if self.lora_A is None else self.lora_alpha_over_rank
 
 
 class Linear(nnx.Module, _LoRAMixin):

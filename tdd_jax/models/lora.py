@@ -4,7 +4,8 @@ Targets are matched like PEFT's ``target_modules``: a module whose dotted path e
 ``.<target>``. lora_A ~ kaiming-uniform(a=√5) (bound 1/√fan_in), lora_B = 0, scale = alpha / rank, so a fresh
 adapter leaves the model unchanged. The adapter is a separate pytree: ``split_lora`` returns
 (graphdef, lora_state, base_state) and ``merge_lora`` rebuilds a model from a base and any LoRA tree (online,
-EMA, or a loaded file), which is how the trainer runs student, target and teacher on one copy of the base.
+EMA, or a loaded file), which is how the trainer runs student and target on one copy of the base; the teacher is
+the graphdef of the same architecture built without LoRA slots, merged with that same base state.
 """
 
 from __future__ import annotations
@@ -82,3 +83,16 @@ def split_lora(model: nnx.Module):
 
 def merge_lora(graphdef, lora_state, base_state) -> nnx.Module:
     return nnx.merge(graphdef, lora_state, base_state)
+
+
+def scale_lora(model: nnx.Module, scale: float) -> None:
+    """Run every attached LoRA at ``scale`` times its alpha/rank (a LoRA's strength); 0 detaches the branches,
+    so the model computes exactly the base model. The multiplier is static (in the graphdef), so a compiled
+    function is always for one strength."""
+    for _, mod in nnx.iter_modules(model):
+        if isinstance(mod, (Linear, Conv2d)) and mod.lora_A is not None:
+            if scale == 0:
+                mod.lora_A, mod.lora_B = nnx.data(None), nnx.data(None)
+                mod.lora_alpha_over_rank = 0.0
+            else:
+                mod.lora_alpha_over_rank = mod.lora_alpha_over_rank * float(scale)

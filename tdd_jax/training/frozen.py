@@ -2,9 +2,10 @@
 
 Each component is split into an nnx graphdef (static structure, closed over by the compiled step) and a
 state of base weights (an argument of the step, so it stays sharded and single-copy instead of being baked
-into the executable as a constant). The UNet's graphdef carries LoRA slots: merged with the online LoRA it is
-the student, with the EMA LoRA the target network, and under ``lora_disabled()`` the teacher, all on the one
-copy of the base weights.
+into the executable as a constant). The UNet has two graphdefs over the one copy of the base weights: 'unet'
+carries LoRA slots (merged with the online LoRA it is the student, with the EMA LoRA the target network) and
+'teacher' is the same architecture without them, so which model a compiled function runs is in its graph,
+not in a switch read at trace time.
 """
 
 from __future__ import annotations
@@ -29,38 +30,20 @@ from tdd_jax.models.vae import AutoencoderKL
 from tdd_jax.training import sharding
 
 ENCODERS = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection, "vae": AutoencoderKL}
-GUIDANCE_MODES = ("decoupled", "official")
-
-
-def _dtype(value, field: str):
-    try:
-        return jnp.dtype(value)
-    except TypeError as e:
-        raise ValueError(f"config {field}={value!r} is not a dtype name (e.g. 'float32', 'bfloat16')") from e
 
 
 def model_options(model_cfg) -> ModelOptions:
-    """ModelOptions from ``cfg.model`` (dtype, param_dtype, remat, attention_impl)."""
+    """ModelOptions from ``cfg.model`` (dtype, param_dtype, remat, attention_impl; checked by ``config.validate``)."""
     remat = model_cfg.remat
     if isinstance(remat, bool):  # remat on/off switch: on = checkpoint every block
         remat = "full" if remat else "none"
-    return ModelOptions(dtype=_dtype(model_cfg.dtype, "model.dtype"),
-                        param_dtype=_dtype(model_cfg.param_dtype, "model.param_dtype"),
+    return ModelOptions(dtype=jnp.dtype(model_cfg.dtype), param_dtype=jnp.dtype(model_cfg.param_dtype),
                         attention_impl=model_cfg.attention_impl, remat=remat)
 
 
 def lora_config(lora_cfg) -> LoRAConfig:
-    """LoRAConfig from ``cfg.lora`` (rank, alpha, targets)."""
-    if int(lora_cfg.rank) <= 0:
-        raise ValueError(f"config lora.rank={lora_cfg.rank} must be positive")
+    """LoRAConfig from ``cfg.lora`` (rank, alpha, targets; checked by ``config.validate``)."""
     return LoRAConfig(rank=int(lora_cfg.rank), alpha=lora_cfg.alpha, targets=tuple(lora_cfg.targets))
-
-
-def guidance_mode(cfg) -> str:
-    """``cfg.guidance.mode``, checked: 'decoupled' (the paper) or 'official' (train_tdd.py)."""
-    if cfg.guidance.mode not in GUIDANCE_MODES:
-        raise ValueError(f"config guidance.mode={cfg.guidance.mode!r} is not one of {GUIDANCE_MODES}")
-    return cfg.guidance.mode
 
 
 def min_shard_size(cfg) -> int:
@@ -89,8 +72,12 @@ class FrozenPipeline:
         return all(name in self.params for name in ENCODERS)
 
     def unet(self, params: dict, lora: nnx.State) -> UNet2DConditionModel:
-        """The UNet on the base weights with ``lora`` (wrap calls in ``lora_disabled()`` for the teacher)."""
+        """The UNet on the base weights with ``lora``: the student or, with the EMA LoRA, the target network."""
         return nnx.merge(self.graphdefs["unet"], lora, params["unet"])
+
+    def teacher(self, params: dict) -> UNet2DConditionModel:
+        """The frozen base UNet (no LoRA slots, so no LoRA computation) on the same base weights."""
+        return nnx.merge(self.graphdefs["teacher"], params["unet"])
 
     def encode_prompts(self, params: dict, input_ids: jax.Array, input_ids_2: jax.Array):
         """(prompt_embeds, pooled_prompt_embeds) from token ids, through both frozen text encoders."""
@@ -166,14 +153,17 @@ def load_frozen(pipeline_dir: str | Path, cfg, mesh: Mesh, *, encoders: bool = T
     pipeline_dir = Path(pipeline_dir)
     if not pipeline_dir.is_dir():
         raise FileNotFoundError(f"config pipeline_dir={str(pipeline_dir)!r} is not a directory")
-    official = guidance_mode(cfg) == "official"
+    official = cfg.guidance.mode == "official"
     opts, lora_cfg, min_size = model_options(cfg.model), lora_config(cfg.lora), min_shard_size(cfg)
     unet_dir = pipeline_dir / "unet"
     unet_config = read_config(unet_dir)
 
+    def abstract_unet() -> UNet2DConditionModel:
+        return nnx.eval_shape(lambda: UNet2DConditionModel(unet_config, opts=opts, rngs=nnx.Rngs(0)))
+
     def make_unet(key: jax.Array) -> UNet2DConditionModel:
         """Abstract base weights (shapes only) with concrete LoRA weights drawn from key."""
-        unet = nnx.eval_shape(lambda: UNet2DConditionModel(unet_config, opts=opts, rngs=nnx.Rngs(0)))
+        unet = abstract_unet()
         attach_lora(unet, lora_cfg, nnx.Rngs(key))
         return unet
 
@@ -181,7 +171,7 @@ def load_frozen(pipeline_dir: str | Path, cfg, mesh: Mesh, *, encoders: bool = T
         return split_lora(make_unet(key))[1]
 
     graphdef, _, base_shapes = split_lora(nnx.eval_shape(lambda: make_unet(jax.random.key(0))))
-    graphdefs = {"unet": graphdef}
+    graphdefs = {"unet": graphdef, "teacher": nnx.split(abstract_unet())[0]}
     params = {"unet": load_state(base_shapes, weight_files(unet_dir),
                                  shardings=sharding.weight_shardings(mesh, base_shapes, min_size))}
     wanted = ENCODERS if encoders else (("text_encoder", "text_encoder_2") if official else ())

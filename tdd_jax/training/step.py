@@ -22,15 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
-from tdd_jax.conditioning import zero_conditioning
+from tdd_jax.conditioning import Cond, cfg_pair, split_cfg_pair, unet_output, zero_conditioning
 from tdd_jax.diffusion.consistency import consistency_fn, lcm_boundary_fn
 from tdd_jax.diffusion.schedule import NoiseSchedule, expand_like
 from tdd_jax.diffusion.solver import (ddim_step, guide, sample_guidance_weight, solver_prev_timesteps,
                                       solver_timesteps)
 from tdd_jax.diffusion.targets import TargetRule, sample_targets
-from tdd_jax.models.layers import lora_disabled
 from tdd_jax.training import sharding
 from tdd_jax.training.config import validate
 from tdd_jax.training.frozen import FrozenPipeline
@@ -41,39 +39,14 @@ PIXEL_FIELDS = ("pixels", "input_ids", "input_ids_2", "time_ids")
 CACHED_FIELDS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
 
 
-class Cond(NamedTuple):
-    """What the UNet is conditioned on besides (x_t, t)."""
-
-    prompt_embeds: jax.Array  # (B, 77, 2048)
-    pooled: jax.Array  # (B, 1280)
-    time_ids: jax.Array  # (B, 6)
-
-
-def unet_output(unet, x: jax.Array, t: jax.Array, cond: Cond) -> jax.Array:
-    """The raw UNet output in at least float32 (the diffusion math and the loss never run in bf16)."""
-    added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
-    out = unet(x, t, cond.prompt_embeds, added)
-    return out.astype(jnp.promote_types(out.dtype, jnp.float32))
-
-
-def _interleave(a: jax.Array, b: jax.Array) -> jax.Array:
-    """(B, ...) twice -> (2B, ...) as a0, b0, a1, b1, ...: every device keeps both copies of its own examples."""
-    return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
-
-
-def teacher_outputs(frozen: FrozenPipeline, base_params: dict, lora: nnx.State, x: jax.Array, t: jax.Array,
+def teacher_outputs(frozen: FrozenPipeline, base_params: dict, x: jax.Array, t: jax.Array,
                     cond: Cond) -> tuple[jax.Array, jax.Array]:
-    """(conditional, unconditional) outputs of the base UNet with LoRA off, as one 2B-example call.
+    """(conditional, unconditional) outputs of the frozen base UNet as one 2B-example call.
 
-    ``lora`` only fills the graph's LoRA slots; ``lora_disabled`` removes the branches from the computation, so
-    this is exactly the frozen teacher on the same weights as the student.
+    The teacher's graph has no LoRA slots, so this is exactly the base model on the student's weights.
     """
-    uncond = Cond(*zero_conditioning(cond.prompt_embeds, cond.pooled), cond.time_ids)
-    both = Cond(*(_interleave(c, u) for c, u in zip(cond, uncond)))
-    with lora_disabled():
-        out = unet_output(frozen.unet(base_params, lora), _interleave(x, x), _interleave(t, t), both)
-    out = out.reshape((x.shape[0], 2) + x.shape[1:])
-    return out[:, 0], out[:, 1]
+    x2, t2, both = cfg_pair((x, t, cond), (x, t, cond.unconditional()))
+    return split_cfg_pair(unet_output(frozen.teacher(base_params), x2, t2, both))
 
 
 def distillation_loss(pred: jax.Array, target: jax.Array, kind: str, huber_c: float) -> jax.Array:
@@ -82,19 +55,6 @@ def distillation_loss(pred: jax.Array, target: jax.Array, kind: str, huber_c: fl
     if kind == "huber":
         return jnp.mean(jnp.sqrt(diff**2 + huber_c**2) - huber_c)
     return jnp.mean(diff**2)
-
-
-def target_rule(cfg, num_train_timesteps: int) -> TargetRule:
-    """TargetRule from ``cfg.target.{kind, k_min, k_max, bound, eta, pcm_phases}`` and ``cfg.solver.num_steps``."""
-    t = cfg.target
-    rule = TargetRule(kind=t.kind, k_min=int(t.k_min), k_max=int(t.k_max),
-                      bound=None if t.bound is None else int(t.bound), eta=float(t.eta),
-                      num_solver_steps=int(cfg.solver.num_steps), num_train_timesteps=num_train_timesteps,
-                      pcm_phases=int(t.pcm_phases))
-    try:
-        return rule.validate()
-    except ValueError as e:
-        raise ValueError(f"config target.* / solver.num_steps: {e}") from e
 
 
 def make_optimizer(optim, num_train_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -234,9 +194,9 @@ class TrainStep:
             return lcm_boundary_fn(self.schedule, out, x, t)
         return consistency_fn(self.schedule, out, x, t, tau)
 
-    def teacher_step(self, base_params, lora, x_next, t_next, t_cur, cond: Cond, w) -> jax.Array:
+    def teacher_step(self, base_params, x_next, t_next, t_cur, cond: Cond, w) -> jax.Array:
         """x̂_{t_n}: one DDIM step of the guided teacher, CFG (LCM form) on both x̂0 and ε̂."""
-        cond_out, uncond_out = teacher_outputs(self.frozen, base_params, lora, x_next, t_next, cond)
+        cond_out, uncond_out = teacher_outputs(self.frozen, base_params, x_next, t_next, cond)
         x0_c, eps_c = self.schedule.to_x0_eps(cond_out, x_next, t_next)
         x0_u, eps_u = self.schedule.to_x0_eps(uncond_out, x_next, t_next)
         return ddim_step(self.schedule, guide(x0_c, x0_u, w), guide(eps_c, eps_u, w), t_cur)
@@ -248,7 +208,7 @@ class TrainStep:
         d = jax.vmap(lambda k: self._draw(k, x0.shape[1:]))(keys[:, 1])
         cond, w = self._drop_captions(base_params, cond, d["w"], d["empty"])
         x_next = self.schedule.add_noise(x0, d["noise"], d["t_next"])
-        x_cur = self.teacher_step(base_params, lora, x_next, d["t_next"], d["t_cur"], cond, w)
+        x_cur = self.teacher_step(base_params, x_next, d["t_next"], d["t_cur"], cond, w)
         target_out = unet_output(self.frozen.unet(base_params, target_lora), x_cur, d["t_cur"], cond)
         target = jax.lax.stop_gradient(self._consistency(target_out, x_cur, d["t_cur"], d["tau"]))
 
@@ -325,7 +285,7 @@ def build_train_step(cfg, frozen: FrozenPipeline, schedule: NoiseSchedule) -> Tr
                          "pipeline with the same config")
     tx, lr = make_optimizer(cfg.optim, int(cfg.num_train_steps))
     return TrainStep(cfg=cfg, frozen=frozen, schedule=schedule,
-                     rule=target_rule(cfg, schedule.num_train_timesteps), tx=tx, lr_schedule=lr)
+                     rule=TargetRule.from_config(cfg, schedule.num_train_timesteps), tx=tx, lr_schedule=lr)
 
 
 def compile_train_step(step: TrainStep, batch_shapes: dict) -> CompiledStep:

@@ -12,7 +12,6 @@ each column is one compiled function (sampler loop + VAE decode).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from pathlib import Path
 
@@ -24,11 +23,11 @@ from flax import nnx
 from PIL import Image
 
 from tdd_jax import conditioning
-from tdd_jax.diffusion.sampler import SamplerSettings, sample
+from tdd_jax.diffusion.sampler import SamplerSettings
 from tdd_jax.diffusion.schedule import NoiseSchedule
 from tdd_jax.image_grid import labelled_grid
-from tdd_jax.models.layers import lora_disabled
 from tdd_jax.models.loading import read_config
+from tdd_jax.render import render
 from tdd_jax.training import sharding
 from tdd_jax.training.frozen import FrozenPipeline
 
@@ -64,7 +63,8 @@ class Validator:
         embeds, pooled = jax.jit(frozen.encode_prompts, out_shardings=replicated)(frozen.params, *ids)
         size = cfg.resolution
         ids_6 = np.tile(conditioning.time_ids((size, size), (0, 0), (size, size)), (len(prompts), 1))
-        self._cond = {"prompt_embeds": embeds, "text_embeds": pooled, "time_ids": ids_6}
+        self._cond = conditioning.Cond(embeds, pooled, jnp.asarray(ids_6))
+        self._seeds = jnp.asarray(cfg.validation.seed + np.arange(len(prompts)), jnp.uint32)
         vae_factor = 2 ** (len(read_config(Path(cfg.pipeline_dir) / "vae")["block_out_channels"]) - 1)
         channels = read_config(Path(cfg.pipeline_dir) / "unet")["in_channels"]
         self._latent_shape = (size // vae_factor, size // vae_factor, channels)
@@ -80,26 +80,12 @@ class Validator:
         self._fixed: dict[int, np.ndarray] = {}  # column -> images of the columns without LoRA, rendered once
 
     def _render(self, settings: SamplerSettings, use_lora: bool, params: dict, lora: nnx.State,
-                cond: dict) -> jax.Array:
-        """Sample and decode; the noise comes from fixed seeds (prompt i: validation.seed + i)."""
-        seed = self._cfg.validation.seed
-        x_T = jnp.stack([jax.random.normal(jax.random.key(seed + i), self._latent_shape)
-                         for i in range(len(self._cfg.validation.prompts))])
-        key = jax.random.key(seed)
-        unet = self._frozen.unet(params, lora)
-
-        def model_fn(x, t, c):
-            return unet(x, t, c["prompt_embeds"], {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]})
-
-        uncond = jax.tree.map(jnp.zeros_like, cond)
-        uncond["time_ids"] = cond["time_ids"]
-        # Read while tracing: without LoRA this function is the base model, whatever ``lora`` holds.
-        with contextlib.nullcontext() if use_lora else lora_disabled():
-            latents = sample(model_fn, self._schedule, settings, x_T, key, cond, uncond)
+                cond: conditioning.Cond) -> jax.Array:
+        """Sample and decode from fixed seeds (prompt i: validation.seed + i) with the student (``use_lora``) or the
+        teacher, whose graph has no LoRA slots."""
+        unet = self._frozen.unet(params, lora) if use_lora else self._frozen.teacher(params)
         vae = nnx.merge(self._frozen.graphdefs["vae"], params["vae"])
-        z = latents / self._frozen.vae_scaling_factor + self._frozen.vae_shift_factor
-        images = vae.decode(z).astype(jnp.float32)
-        return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+        return render(unet, vae, self._schedule, settings, self._seeds, self._latent_shape, cond)
 
     def __call__(self, params: dict, lora: nnx.State) -> np.ndarray:
         """uint8 images (prompts, columns, H, W, 3), columns as in ``column_labels``."""

@@ -1,0 +1,62 @@
+"""The one render path: seeds -> initial noise -> γ-sampler -> VAE decode -> images, traceable under one jit.
+
+The batch-sampling pipeline, the trainer's validation grid and the evaluation all render through ``render``, so
+an image depends on the same things everywhere: (its seed, its conditioning, the sampler settings, the model).
+Each seed gives two keys: one draws the initial latents, the other the renoise stream (``sampler.sample``), so
+an image never depends on its batch neighbours or its position in the batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tdd_jax.conditioning import Cond, unet_output
+from tdd_jax.diffusion.sampler import SamplerSettings, sample
+from tdd_jax.diffusion.schedule import NoiseSchedule
+from tdd_jax.models.vae import AutoencoderKL
+
+OUTPUT_TYPES = ("uint8", "float", "latent")
+
+
+def seed_keys(seeds: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(initial-noise keys, renoise keys), one typed key each per seed (B,)."""
+    keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(seeds)
+    return keys[:, 0], keys[:, 1]
+
+
+def initial_latents(noise_keys: jax.Array, latent_shape: tuple[int, int, int]) -> jax.Array:
+    """x_T (B, h, w, C) float32: one standard normal draw per key."""
+    return jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))(noise_keys)
+
+
+def decode(vae: AutoencoderKL, latents: jax.Array, output_type: str = "uint8") -> jax.Array:
+    """UNet-space latents -> images (B, H, W, 3): uint8, floats in [0, 1], or the latents themselves."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}")
+    if output_type == "latent":
+        return latents
+    decoded = vae.decode(latents / vae.scaling_factor + vae.shift_factor).astype(jnp.float32)
+    images = jnp.clip(decoded / 2 + 0.5, 0.0, 1.0)
+    return jnp.round(images * 255).astype(jnp.uint8) if output_type == "uint8" else images
+
+
+def render(unet, vae: AutoencoderKL, schedule: NoiseSchedule, settings: SamplerSettings, seeds: jax.Array,
+           latent_shape: tuple[int, int, int], cond: Cond, uncond: Cond | None = None, *,
+           x_T: jax.Array | None = None, output_type: str = "uint8") -> jax.Array:
+    """Sample with ``unet`` (whatever model it is: base, student, merged LoRA) and decode with ``vae``.
+
+    seeds (B,) uint32 fix the initial noise (unless ``x_T`` is given) and the renoise stream. ``uncond`` is the
+    unconditional branch for CFG; None means SDXL's zero embeddings (``Cond.unconditional``).
+    """
+    noise_keys, renoise_keys = seed_keys(seeds)
+    if x_T is None:
+        x_T = initial_latents(noise_keys, latent_shape)
+    if settings.uses_cfg and uncond is None:
+        uncond = cond.unconditional()
+
+    def model_fn(x, t, c):
+        return unet_output(unet, x, t, c)
+
+    latents = sample(model_fn, schedule, settings, x_T, renoise_keys, cond, uncond if settings.uses_cfg else None)
+    return decode(vae, latents, output_type)
