@@ -3,8 +3,9 @@
     SDXL_DIR=/path/to/sdxl-base TDD_DATA='/data/laion/{00000..01023}.tar' \\
         python -m tdd_jax.train --config=configs/tdd_sdxl.py --workdir=runs/tdd
 
-The baseline configs (lcm/pcm/tcd_sdxl.py) start from this one and change only the target rule and the
-hyper-parameters their papers publish, so a comparison differs in nothing else.
+The argument names the method: ``configs/tdd_sdxl.py:lcm`` (or ``:pcm``, ``:tcd``) is that baseline, which
+changes only the target rule and the hyper-parameters its paper publishes (``configs/methods.py``), so a
+comparison differs in nothing else.
 """
 
 import os
@@ -12,11 +13,13 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from configs.methods import apply_method
 from tdd_jax.data import default_data_config
 from tdd_jax.models.lora import TDD_TARGETS
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The SDXL run of the method ``arg`` (None: TDD)."""
     cfg = ml_collections.ConfigDict()
     cfg.pipeline_dir = os.environ.get("SDXL_DIR", "")  # diffusers folder of stable-diffusion-xl-base-1.0
     cfg.resolution = 1024
@@ -104,4 +107,4 @@ def get_config() -> ml_collections.ConfigDict:
     # counts, with SDXL's usual CFG.
     cfg.validation.teacher_steps = 25
     cfg.validation.teacher_guidance_scale = 5.0
-    return cfg
+    return apply_method(cfg, arg)

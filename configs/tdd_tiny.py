@@ -1,24 +1,25 @@
 """TDD on the tiny emoji SDXL shipped with the repo: the same trainer as tdd_sdxl.py, sized for 2 CPU cores.
 
     python -m tdd_jax.train --config=configs/tdd_tiny.py --workdir=runs/tdd_tiny
+    python -m tdd_jax.train --config=configs/tdd_tiny.py:lcm --workdir=runs/lcm_tiny   # a baseline, same budget
 
 Only what a laptop-sized run needs differs from the SDXL config: the pipeline and data, 64 px, a small LoRA, a
-higher, decaying learning rate so a few hundred steps show the effect, fp32 and no rematerialisation.
+higher, decaying learning rate so a few hundred steps show the effect, fp32 and no rematerialisation. Every
+method (the argument, see ``configs/methods.py``) gets the same budget and the same teacher CFG here, so
+methods differ only in their target rule, their grid and their published sampler.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-import tdd_sdxl  # noqa: E402
-
-from tdd_jax.pretrain.teacher import TEACHER_GROUPS  # noqa: E402
+from configs import tdd_sdxl
+from tdd_jax.pretrain.teacher import TEACHER_GROUPS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def get_config():
-    cfg = tdd_sdxl.get_config()
+def get_config(arg: str | None = None):
+    """The tiny run of the method ``arg`` (None: TDD)."""
+    cfg = tdd_sdxl.get_config(arg)
     cfg.pipeline_dir = os.environ.get("TDD_TINY_PIPELINE", os.path.join(REPO, "tdd_jax", "assets", "tiny_sdxl"))
     cfg.resolution = 64
     cfg.num_train_steps = 500
@@ -36,9 +37,9 @@ def get_config():
     # (cosine) so that the run ends on settled weights rather than wherever its last noisy steps left them.
     cfg.optim.lr = 1e-3
     cfg.optim.schedule = "cosine"
-    # A 50-step DDIM teacher grid (LCM's) instead of 250: consistency propagates one grid step per round of
-    # training, and a few hundred steps cannot carry it across 250 small ones.
-    cfg.solver.num_steps = 50
+    # At most a 50-step DDIM teacher grid (LCM's; PCM keeps its 40) instead of TDD's 250: consistency propagates
+    # one grid step per round of training, and a few hundred steps cannot carry it across 250 small ones.
+    cfg.solver.num_steps = min(cfg.solver.num_steps, 50)
 
     cfg.batch.global_batch = 16
     cfg.batch.grad_accum = 1

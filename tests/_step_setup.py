@@ -15,7 +15,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "configs"))
 sys.path.insert(0, str(REPO / "tests"))
 
 from tiny_pipeline import randomize_norms, save_tiny_sdxl_pipeline, tiny_clip_configs  # noqa: E402
@@ -50,7 +49,7 @@ def save_step_pipeline(path: str | Path, seed: int = 0) -> Path:
 
 def step_config(**overrides):
     """configs/tdd_sdxl.py at test scale (fp32, no remat, rank-4 LoRA, batch 4); overrides as 'a.b': value."""
-    import tdd_sdxl
+    from configs import tdd_sdxl
 
     cfg = tdd_sdxl.get_config()
     cfg.batch.global_batch, cfg.batch.grad_accum = BATCH, 1

@@ -1,23 +1,22 @@
 """Trainer config files and ``validate``: every shipped config is valid, and each kind of mistake is rejected
 before anything is loaded, with the offending field named first in the message."""
 
-import importlib.util
+import importlib
 import math
-from pathlib import Path
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
+from configs.methods import METHODS
 from tdd_jax.training.config import ConfigError, validate
 from tdd_jax.training.step import make_optimizer
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
-
-def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+def load_config(spec: str):
+    """A config as ``--config=configs/NAME.py:ARG`` gives it (``spec`` = 'NAME' or 'NAME:ARG')."""
+    name, _, arg = spec.partition(":")
+    return importlib.import_module(f"configs.{name}").get_config(arg or None)
 
 
 @pytest.fixture
@@ -29,7 +28,7 @@ def cfg(tiny_pipeline_dir):
     return cfg
 
 
-@pytest.mark.parametrize("name", ["tdd_sdxl", "lcm_sdxl", "pcm_sdxl", "tcd_sdxl", "tdd_tiny"])
+@pytest.mark.parametrize("name", [f"{scale}:{method}" for scale in ("tdd_sdxl", "tdd_tiny") for method in METHODS])
 def test_shipped_configs_are_valid(name):
     cfg = load_config(name)
     cfg.data.path = cfg.data.path or "/data/shards/{0000..0009}.tar"
@@ -45,13 +44,26 @@ def test_paper_defaults():
     assert (cfg.batch.global_batch, cfg.model.dtype, cfg.model.remat, cfg.ema_decay) == (512, "bfloat16", "full", 0.0)
 
 
-def test_baselines_differ_only_in_target_rule_and_published_settings():
-    base = load_config("tdd_sdxl").to_dict()
+@pytest.mark.parametrize("scale", ["tdd_sdxl", "tdd_tiny"])
+def test_baselines_differ_only_in_target_rule_and_published_settings(scale):
+    base = load_config(scale).to_dict()
     allowed = {"target", "solver", "guidance", "validation"}
-    for name in ("lcm_sdxl", "pcm_sdxl", "tcd_sdxl"):
-        other = load_config(name).to_dict()
-        assert {k for k in base if base[k] != other[k]} <= allowed, name
-        assert other["target"]["kind"] == name.split("_")[0]
+    for method in METHODS[1:]:
+        other = load_config(f"{scale}:{method}").to_dict()
+        assert {k for k in base if base[k] != other[k]} <= allowed, method
+        assert other["target"]["kind"] == method
+    assert load_config(f"{scale}:tdd").to_dict() == base
+
+
+def test_config_flag_argument_selects_the_method():
+    """``--config=configs/tdd_tiny.py:pcm`` as the trainer's absl flag parses it, and a bad argument is named."""
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values)
+    values(["prog", "--config=configs/tdd_tiny.py:pcm"])
+    assert (values.config.target.kind, values.config.resolution) == ("pcm", 64)
+    assert values.config.solver.num_steps == 40  # PCM's own grid, under the tiny cap of 50
+    with pytest.raises(ValueError, match="unknown config argument 'adv2'"):
+        load_config("tdd_sdxl:adv2")
 
 
 def test_valid_with_pipeline(cfg):

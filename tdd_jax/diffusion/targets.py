@@ -45,24 +45,40 @@ class TargetRule:
             return self.bound
         return round(BOUND_SLACK * self.num_train_timesteps / self.k_min)
 
-    def validate(self) -> TargetRule:
-        """Raise ValueError naming the offending field; returns self for chaining."""
-        if self.kind not in KINDS:
-            raise ValueError(f"target rule field kind={self.kind!r} is not one of {KINDS}")
-        if not 1 <= self.num_solver_steps <= self.num_train_timesteps:
-            raise ValueError(f"target rule field num_solver_steps={self.num_solver_steps} must be in "
-                             f"[1, num_train_timesteps={self.num_train_timesteps}]")
-        if not 1 <= self.k_min <= self.k_max:
-            raise ValueError(f"target rule fields k_min={self.k_min}, k_max={self.k_max}: need 1 <= k_min <= k_max")
-        if self.k_max > self.num_solver_steps:
-            raise ValueError(f"target rule field k_max={self.k_max} exceeds num_solver_steps={self.num_solver_steps}")
-        if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"target rule field eta={self.eta} must be in [0, 1]")
-        if self.bound is not None and self.bound < 0:
-            raise ValueError(f"target rule field bound={self.bound} must be >= 0")
-        if not 1 <= self.pcm_phases <= self.num_solver_steps:
-            raise ValueError(f"target rule field pcm_phases={self.pcm_phases} must be in "
-                             f"[1, num_solver_steps={self.num_solver_steps}]")
+    # The trainer-config field that sets each rule field (for error messages).
+    CONFIG_FIELDS = {"kind": "target.kind", "k_min": "target.k_min", "k_max": "target.k_max",
+                     "bound": "target.bound", "eta": "target.eta", "pcm_phases": "target.pcm_phases",
+                     "num_solver_steps": "solver.num_steps"}
+
+    @classmethod
+    def from_config(cls, cfg, num_train_timesteps: int) -> TargetRule:
+        """The rule of a trainer config (``cfg.target.*``, ``cfg.solver.num_steps``), validated; a ValueError
+        names the config field (``target.k_min: ...``)."""
+        t = cfg.target
+        rule = cls(kind=t.kind, k_min=int(t.k_min), k_max=int(t.k_max),
+                   bound=None if t.bound is None else int(t.bound), eta=float(t.eta),
+                   num_solver_steps=int(cfg.solver.num_steps), num_train_timesteps=int(num_train_timesteps),
+                   pcm_phases=int(t.pcm_phases))
+        return rule.validate(names=cls.CONFIG_FIELDS)
+
+    def validate(self, names: dict[str, str] | None = None) -> TargetRule:
+        """Raise ValueError starting with the offending field's name (``names`` maps rule fields to the names the
+        caller knows them by); returns self for chaining."""
+        name = (lambda f: names.get(f, f)) if names else (lambda f: f)
+        T, N = self.num_train_timesteps, self.num_solver_steps
+        checks = [
+            (self.kind in KINDS, "kind", f"{self.kind!r} is not one of {KINDS}"),
+            (1 <= N <= T and T % N == 0, "num_solver_steps",
+             f"{N} must divide the num_train_timesteps={T} training timesteps"),
+            (1 <= self.k_min <= self.k_max, "k_min", f"k_min={self.k_min} must be in [1, {name('k_max')}={self.k_max}]"),
+            (self.k_max <= N, "k_max", f"{self.k_max} exceeds {name('num_solver_steps')}={N}"),
+            (0.0 <= self.eta <= 1.0, "eta", f"{self.eta} must be in [0, 1]"),
+            (self.bound is None or self.bound >= 0, "bound", f"{self.bound} must be >= 0 (or None)"),
+            (1 <= self.pcm_phases <= N, "pcm_phases", f"{self.pcm_phases} must be in [1, {name('num_solver_steps')}={N}]"),
+        ]
+        for ok, field, message in checks:
+            if not ok:
+                raise ValueError(f"{name(field)}: {message}")
         return self
 
 

@@ -14,11 +14,12 @@ import jax
 import ml_collections
 
 from tdd_jax.data.config import validate_data_config
-from tdd_jax.diffusion.targets import KINDS
+from tdd_jax.diffusion.targets import KINDS, TargetRule
 from tdd_jax.models.layers import REMAT_POLICIES
-from tdd_jax.training.frozen import GUIDANCE_MODES
 from tdd_jax.training.sharding import mesh_shape
 
+GUIDANCE_MODES = ("decoupled", "official")  # paper: no CFG on empty-prompt samples; official: train_tdd.py
+DEFAULT_TIMESTEPS = 1000  # SDXL's, for checks that run without the pipeline folder
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: CPU numerics checks (needs jax_enable_x64)
 LOSS_KINDS = ("huber", "l2")
 LR_SCHEDULES = ("constant", "warmup", "cosine")
@@ -144,6 +145,14 @@ def validate(cfg, *, num_devices: int | None = None, process_count: int | None =
     for name, spec in FIELDS.items():
         _check_type(name, flat[name], spec)
 
+    if check_pipeline:
+        _require(bool(cfg.pipeline_dir), "pipeline_dir",
+                 "is not set (a diffusers SDXL folder; e.g. --config.pipeline_dir=$SDXL_DIR)")
+        root = Path(cfg.pipeline_dir)
+        _require(root.is_dir(), "pipeline_dir", f"{root} is not a directory")
+        absent = [f for f in PIPELINE_FILES if not (root / f).is_file()]
+        _require(not absent, "pipeline_dir", f"{root} lacks pipeline files {absent}")
+
     positive = ("resolution", "num_train_steps", "log_every", "lora.rank", "solver.num_steps", "target.k_min",
                 "target.pcm_phases", "batch.global_batch", "batch.grad_accum",
                 "checkpoint.every", "checkpoint.keep", "validation.every")
@@ -156,14 +165,10 @@ def validate(cfg, *, num_devices: int | None = None, process_count: int | None =
     _require(cfg.resolution % 8 == 0, "resolution", f"{cfg.resolution} must be a multiple of 8 (VAE factor)")
     _require(0.0 <= cfg.ema_decay < 1.0, "ema_decay", f"{cfg.ema_decay} must be in [0, 1) (0: online LoRA target)")
 
-    t = cfg.target
-    _require(t.k_min <= t.k_max, "target.k_min", f"k_min={t.k_min} > target.k_max={t.k_max}")
-    _require(t.k_max <= cfg.solver.num_steps, "target.k_max",
-             f"{t.k_max} exceeds solver.num_steps={cfg.solver.num_steps}")
-    _require(1000 % cfg.solver.num_steps == 0, "solver.num_steps",
-             f"{cfg.solver.num_steps} must divide the 1000 training timesteps")
-    _require(0.0 <= t.eta <= 1.0, "target.eta", f"{t.eta} must be in [0, 1]")
-    _require(t.bound is None or t.bound >= 0, "target.bound", f"{t.bound} must be >= 0 (or None)")
+    try:  # the target rule's own checks, with its timestep count from the pipeline when it is read
+        TargetRule.from_config(cfg, _num_train_timesteps(cfg) if check_pipeline else DEFAULT_TIMESTEPS)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
     g = cfg.guidance
     _require(g.w_min >= 0, "guidance.w_min", f"{g.w_min} must be >= 0")
@@ -203,13 +208,16 @@ def validate(cfg, *, num_devices: int | None = None, process_count: int | None =
     _require(v.teacher_guidance_scale >= 1.0, "validation.teacher_guidance_scale",
              f"{v.teacher_guidance_scale} must be >= 1 (1: no CFG)")
 
-    if check_pipeline:
-        _require(bool(cfg.pipeline_dir), "pipeline_dir",
-                 "is not set (a diffusers SDXL folder; e.g. --config.pipeline_dir=$SDXL_DIR)")
-        root = Path(cfg.pipeline_dir)
-        _require(root.is_dir(), "pipeline_dir", f"{root} is not a directory")
-        absent = [f for f in PIPELINE_FILES if not (root / f).is_file()]
-        _require(not absent, "pipeline_dir", f"{root} lacks pipeline files {absent}")
+
+def _num_train_timesteps(cfg) -> int:
+    """The pipeline scheduler's training timestep count (the pipeline folder was checked before this runs)."""
+    import json
+
+    path = Path(cfg.pipeline_dir) / "scheduler" / "scheduler_config.json"
+    try:
+        return int(json.loads(path.read_text()).get("num_train_timesteps", DEFAULT_TIMESTEPS))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"pipeline_dir: cannot read {path}: {e}") from e
 
 
 def _validate_data(cfg, process_count: int) -> None:
