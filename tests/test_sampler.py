@@ -50,8 +50,12 @@ def test_non_equidistant_timesteps():
     assert sampler_timesteps(6, non_equidistant=True) == (999, 875, 751, 627, 499, 251)
     assert sampler_timesteps(7, non_equidistant=True) == (999, 875, 751, 627, 499, 375, 251)
     assert sampler_timesteps(8, non_equidistant=True) == sampler_timesteps(8)
-    with pytest.raises(ValueError, match="num_steps=9"):
-        sampler_timesteps(9, non_equidistant=True)
+    # Outside [k_min, k_max] the official sampler is equidistant, and so is ours (reference: REFERENCE.md's
+    # 250-grid rule, indices floor(linspace(0, 250, N, endpoint=False)) of the reversed grid).
+    for n in (2, 3, 9, 12):
+        grid = np.arange(1, 251) * 4 - 1
+        expected = tuple(int(t) for t in grid[::-1][np.floor(np.linspace(0, 250, n, endpoint=False)).astype(int)])
+        assert sampler_timesteps(n, non_equidistant=True) == expected == sampler_timesteps(n)
 
 
 @pytest.mark.parametrize("change, field", [

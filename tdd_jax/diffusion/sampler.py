@@ -10,6 +10,7 @@ per-step tables, so the model is traced and compiled once whatever the number of
 from __future__ import annotations
 
 import dataclasses
+import logging
 import functools
 import math
 from collections.abc import Callable
@@ -36,13 +37,15 @@ def sampler_timesteps(num_steps: int, *, grid_steps: int = 250, num_train_timest
     Equidistant: ``equidistant_timesteps`` (N=4: 999, 751, 499, 251). Non-equidistant: keep the k_min-step
     anchors and add the k_max-step schedule's other points from the highest-noise gap down, which reproduces the
     official special jumps (N=5: 999, 875, 751, 499, 251; N=7: ..., 499, 375, 251) and gives the k_max schedule
-    at N = k_max. It puts the extra steps where the student's targets are densest in noise level.
+    at N = k_max. It puts the extra steps where the student's targets are densest in noise level. Outside
+    [k_min, k_max] it falls back to the equidistant schedule, as the official sampler does (logged).
     """
     if not non_equidistant:
         return tuple(int(t) for t in equidistant_timesteps(num_steps, grid_steps, num_train_timesteps))
-    if not k_min <= num_steps <= k_max:
-        raise ValueError(f"num_steps={num_steps} must be in [k_min={k_min}, k_max={k_max}] "
-                         "for non_equidistant sampling")
+    if not k_min <= num_steps <= k_max:  # the official sampler's behaviour: other N are equidistant
+        logging.info("non_equidistant: num_steps=%d is outside [k_min=%d, k_max=%d]; using the equidistant "
+                     "schedule", num_steps, k_min, k_max)
+        return sampler_timesteps(num_steps, grid_steps=grid_steps, num_train_timesteps=num_train_timesteps)
     anchors = equidistant_timesteps(k_min, grid_steps, num_train_timesteps)
     extra = np.setdiff1d(equidistant_timesteps(k_max, grid_steps, num_train_timesteps), anchors)[::-1]
     chosen = np.concatenate([anchors, extra[:num_steps - k_min]])
