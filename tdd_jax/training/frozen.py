@@ -142,6 +142,26 @@ def _empty_prompt(pipeline_dir: Path, graphdefs: dict, params: dict, mesh: Mesh)
     return jax.jit(encode, out_shardings=sharding.replicated(mesh))(text_params)
 
 
+def unet_definitions(unet_config: dict, opts: ModelOptions, lora_cfg: LoRAConfig):
+    """({'unet': graphdef with LoRA slots, 'teacher': graphdef without}, base-weight shapes, new_lora(key)), all
+    built abstractly: no base weight is ever initialised, traced or compiled. new_lora draws a fresh LoRA state
+    (A uniform, B zero) on an abstract UNet."""
+
+    def abstract_unet() -> UNet2DConditionModel:
+        return nnx.eval_shape(lambda: UNet2DConditionModel(unet_config, opts=opts, rngs=nnx.Rngs(0)))
+
+    def make_unet(key: jax.Array) -> UNet2DConditionModel:
+        unet = abstract_unet()
+        attach_lora(unet, lora_cfg, nnx.Rngs(key))
+        return unet
+
+    def new_lora(key: jax.Array) -> nnx.State:
+        return split_lora(make_unet(key))[1]
+
+    graphdef, _, base_shapes = split_lora(nnx.eval_shape(lambda: make_unet(jax.random.key(0))))
+    return {"unet": graphdef, "teacher": nnx.split(abstract_unet())[0]}, base_shapes, new_lora
+
+
 def load_frozen(pipeline_dir: str | Path, cfg, mesh: Mesh, *, encoders: bool = True) -> FrozenPipeline:
     """Load a diffusers SDXL pipeline folder for training, every weight placed in its sharding on ``mesh``.
 
@@ -158,20 +178,7 @@ def load_frozen(pipeline_dir: str | Path, cfg, mesh: Mesh, *, encoders: bool = T
     unet_dir = pipeline_dir / "unet"
     unet_config = read_config(unet_dir)
 
-    def abstract_unet() -> UNet2DConditionModel:
-        return nnx.eval_shape(lambda: UNet2DConditionModel(unet_config, opts=opts, rngs=nnx.Rngs(0)))
-
-    def make_unet(key: jax.Array) -> UNet2DConditionModel:
-        """Abstract base weights (shapes only) with concrete LoRA weights drawn from key."""
-        unet = abstract_unet()
-        attach_lora(unet, lora_cfg, nnx.Rngs(key))
-        return unet
-
-    def new_lora(key: jax.Array) -> nnx.State:
-        return split_lora(make_unet(key))[1]
-
-    graphdef, _, base_shapes = split_lora(nnx.eval_shape(lambda: make_unet(jax.random.key(0))))
-    graphdefs = {"unet": graphdef, "teacher": nnx.split(abstract_unet())[0]}
+    graphdefs, base_shapes, new_lora = unet_definitions(unet_config, opts, lora_cfg)
     params = {"unet": load_state(base_shapes, weight_files(unet_dir),
                                  shardings=sharding.weight_shardings(mesh, base_shapes, min_size))}
     wanted = ENCODERS if encoders else (("text_encoder", "text_encoder_2") if official else ())
