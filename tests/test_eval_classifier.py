@@ -19,9 +19,9 @@ pytestmark = pytest.mark.skipif(
     reason="needs the Debian packages of launch/setup_system.sh")
 
 # Bounds sit below the recipe's measured numbers (tdd_jax/assets/emoji_classifier/recipe.json) with margin.
-MIN_CLEAN_TOP1 = 0.8
-MIN_HELDOUT_VIEW_TOP1 = 0.5
-MIN_HELDOUT_GROUP_TOP1 = 0.5  # 9 groups; the majority group (People & Body) is ~48% of all emoji
+MIN_CLEAN_TOP1 = 0.7
+MIN_HELDOUT_VIEW_TOP1 = 0.6
+MIN_HELDOUT_GROUP_TOP1 = 0.7  # 9 groups; the majority group (People & Body) is ~48% of all emoji
 
 
 @pytest.fixture(scope="module")
