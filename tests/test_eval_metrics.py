@@ -42,8 +42,7 @@ def test_fid_of_a_set_with_itself_is_zero_even_rank_deficient():
     assert abs(metrics.fid(x, x)) < 1e-8
     few = random_features(3, 20, 64)  # 20 samples in 64 dims: singular covariance
     assert abs(metrics.fid(few, few)) < 1e-8
-    # Against a different set the rank-deficient case stays finite and equals the reference formula where
-    # scipy's sqrtm still converges.
+    # Against a different set the rank-deficient case stays finite and positive (no eps offset needed).
     other = random_features(4, 20, 64, shift=0.5)
     value = metrics.fid(few, other)
     assert np.isfinite(value) and value > 0
