@@ -1,0 +1,133 @@
+"""Evaluate sample folders: FID, KID, prompt-following accuracy and the distance to a teacher's samples.
+
+    python -m tdd_jax.evaluate --samples DIR [--samples DIR2 ...] --reference DIR|emoji|ref.npz \
+        [--features emoji|inception] [--weights PATH] [--teacher DIR] [--out results.json] [--save_reference r.npz]
+
+Sample folders are ``tdd_jax.sample``'s: PNGs listed in ``metadata.jsonl`` with their ``prompt`` and ``seed``.
+A reference is an image folder (every PNG/JPEG in it), ``emoji`` (the Noto emoji dataset, both splits, from
+``--data_dir``; ``--emoji_groups`` narrows it, e.g. to the teacher's groups) or a saved ``.npz`` (no KID unless it
+holds features). ``--teacher``: mean |Δ| per pixel to the teacher's sample of the same (prompt, seed) — file names
+differ between folders because they hash the sampler settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tdd_jax.evaluation import features as feat
+from tdd_jax.evaluation import metrics
+
+METADATA = "metadata.jsonl"  # tdd_jax.sample's file (not imported: that module pulls in the whole pipeline)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def read_samples(folder: str | Path) -> tuple[np.ndarray, list[dict]]:
+    """(uint8 images, their metadata records) of a ``tdd_jax.sample`` folder, in metadata order."""
+    folder = Path(folder)
+    path = folder / METADATA
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: --samples must be a folder written by tdd_jax.sample")
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"{path} lists no images")
+    records = list({r["file"]: r for r in records}.values())  # a re-run may record a file again
+    missing = [r["file"] for r in records if not (folder / r["file"]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: {len(missing)} images of {METADATA} are missing (first: {missing[:3]})")
+    return np.stack([_read_png(folder / r["file"]) for r in records]), records
+
+
+def read_image_folder(folder: str | Path) -> np.ndarray:
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"reference folder {folder} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+    return np.stack([_read_png(p) for p in paths])
+
+
+def load_reference(spec: str, extractor, data_dir: str = "", emoji_groups=()) -> dict:
+    """{'mu', 'sigma'[, 'features']} from an ``.npz``, ``emoji`` or an image folder."""
+    if spec.endswith(".npz"):
+        return metrics.load_statistics(spec)
+    if spec == "emoji":
+        from tdd_jax.data.emoji import load_emoji
+        images = np.concatenate([load_emoji(data_dir, split, groups=tuple(emoji_groups))["images"]
+                                 for split in ("train", "test")])
+    elif Path(spec).is_dir():
+        images = read_image_folder(spec)
+    else:
+        raise ValueError(f"--reference {spec!r} is neither an .npz file, 'emoji' nor an image folder")
+    return feat.reference_statistics(extractor, images)
+
+
+def teacher_images(teacher_dir: str | Path, records: list[dict]) -> np.ndarray:
+    """The teacher's sample for each record, matched by (prompt, seed)."""
+    images, teacher_records = read_samples(teacher_dir)
+    index = {(r["prompt"], r["seed"]): i for i, r in enumerate(teacher_records)}
+    missing = [(r["prompt"], r["seed"]) for r in records if (r["prompt"], r["seed"]) not in index]
+    if missing:
+        raise ValueError(f"--teacher {teacher_dir} has no sample for {len(missing)} (prompt, seed) pairs "
+                         f"(first: {missing[:3]})")
+    return images[[index[(r["prompt"], r["seed"])] for r in records]]
+
+
+def evaluate_folders(samples: list[str], reference: str, *, features: str = "emoji", weights: str | None = None,
+                     teacher: str | None = None, data_dir: str = "", emoji_groups=(),
+                     save_reference: str | None = None) -> dict[str, dict]:
+    """{sample folder: metrics} (see ``features.evaluate_images``)."""
+    extractor = feat.make_extractor(features, weights)
+    ref = load_reference(reference, extractor, data_dir, emoji_groups)
+    if save_reference:
+        if "features" not in ref:
+            raise ValueError("--save_reference needs a reference with features (an image folder or 'emoji')")
+        metrics.save_statistics(save_reference, ref["features"])
+    results = {}
+    for folder in samples:
+        images, records = read_samples(folder)
+        results[folder] = feat.evaluate_images(
+            extractor, images, ref, captions=[r["prompt"] for r in records],
+            teacher=None if teacher is None else teacher_images(teacher, records))
+    return results
+
+
+def format_table(results: dict[str, dict]) -> str:
+    columns = ["images", "fid", "kid", "kid_std", "prompt_accuracy", "teacher_mean_abs_delta"]
+    columns = [c for c in columns if any(c in r for r in results.values())]
+    lines = ["| samples | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for folder, r in results.items():
+        cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns]
+        lines.append(f"| {folder} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", action="append", required=True, help="tdd_jax.sample output folder (repeat)")
+    parser.add_argument("--reference", required=True, help="image folder, 'emoji' or reference .npz")
+    parser.add_argument("--features", default="emoji", choices=feat.EXTRACTORS)
+    parser.add_argument("--weights", help="extractor weights: emoji classifier folder or FID Inception file")
+    parser.add_argument("--teacher", help="the teacher's sample folder (same prompts and seeds)")
+    parser.add_argument("--data_dir", default="", help="emoji TFDS dir for --reference=emoji (built if missing)")
+    parser.add_argument("--emoji_groups", nargs="*", default=(), help="emoji groups of --reference=emoji")
+    parser.add_argument("--save_reference", help="write the reference statistics to this .npz")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    results = evaluate_folders(args.samples, args.reference, features=args.features, weights=args.weights,
+                               teacher=args.teacher, data_dir=args.data_dir, emoji_groups=args.emoji_groups,
+                               save_reference=args.save_reference)
+    print(format_table(results), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
