@@ -1,16 +1,20 @@
 """Checkpoints: exact round trip of the train state and data position, LoRA export reads, and refusals."""
 
+import contextlib
+import errno
+import json
 import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from tdd_jax.models.layers import LoRAParam
-from tdd_jax.training.checkpointing import CheckpointError, Checkpointer, restore_lora
+from tdd_jax.training.checkpointing import CheckpointError, Checkpointer, NonFiniteError, restore_lora
 from tdd_jax.training.state import TrainState
 
 
@@ -112,3 +116,57 @@ def test_folder_without_complete_checkpoint_is_an_error(tmp_path):
     shutil.move(tmp_path / "checkpoints" / "1", tmp_path / "checkpoints" / "stray")
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         Checkpointer(tmp_path / "checkpoints", every=1, keep=3).latest_step()
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=1, keep=3)
+    good = make_state(1, ema=True)
+    ckpt.save(1, good, {"consumed": 1}, META)
+    ckpt.wait()
+    bad = make_state(2, ema=True)
+    bad = bad.replace(ema_lora=jax.tree.map(lambda x: x.at[0].set(jnp.nan), bad.ema_lora))
+    with pytest.raises(NonFiniteError, match=r"step 2 .*ema_lora.*previous checkpoint is kept"):
+        ckpt.save(2, bad, {"consumed": 2}, META)
+    ckpt.close()
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=1, keep=3)
+    assert ckpt.latest_step() == 1
+    assert_trees_equal(ckpt.restore(make_state(0, ema=True))[0], good)
+    ckpt.close()
+
+
+def test_data_state_of_another_process_count_is_read(tmp_path):
+    """A checkpoint written by 2 processes resumes on 1: each file holds the same global position."""
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=1, keep=3)
+    ckpt.save(1, make_state(1, ema=False), {"global_batches": 1, "process": 0}, META)
+    ckpt.close()
+    folder = tmp_path / "checkpoints" / "1" / "data"
+    (folder / "process_0-of-1.json").rename(folder / "process_0-of-2.json")
+    (folder / "process_1-of-2.json").write_text(json.dumps({"global_batches": 1, "process": 1}))
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=1, keep=3)
+    assert ckpt.restore(make_state(0, ema=False))[1] == {"global_batches": 1, "process": 0}
+    ckpt.close()
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Out of disk during an async save (a writer that fails with ENOSPC): the step is never committed and the
+    previous one stays the latest, restorable as it was."""
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=1, keep=3)
+    good = make_state(1, ema=False)
+    ckpt.save(1, good, {"consumed": 1}, META)
+    ckpt.wait()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save(2, make_state(2, ema=False), {"consumed": 2}, META)
+        ckpt.wait()
+    monkeypatch.undo()
+    with contextlib.suppress(OSError):
+        ckpt.close()
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=1, keep=3)
+    assert ckpt.latest_step() == 1
+    state, data_state, _ = ckpt.restore(make_state(0, ema=False))
+    assert_trees_equal(state, good) and data_state == {"consumed": 1}
+    ckpt.close()

@@ -36,6 +36,7 @@ FIELDS = {
     "seed": int,
     "num_train_steps": int,
     "log_every": int,
+    "max_nonfinite_steps": int,
     "ema_decay": float,
     "lora.rank": int,
     "lora.alpha": float,
@@ -144,8 +145,8 @@ def validate(cfg, *, num_devices: int | None = None, process_count: int | None =
     for name, spec in FIELDS.items():
         _check_type(name, flat[name], spec)
 
-    positive = ("resolution", "num_train_steps", "log_every", "lora.rank", "solver.num_steps", "target.k_min",
-                "target.pcm_phases", "batch.global_batch", "batch.grad_accum",
+    positive = ("resolution", "num_train_steps", "log_every", "max_nonfinite_steps", "lora.rank", "solver.num_steps",
+                "target.k_min", "target.pcm_phases", "batch.global_batch", "batch.grad_accum",
                 "checkpoint.every", "checkpoint.keep", "validation.every")
     for name in positive:
         _require(flat[name] > 0, name, f"{flat[name]} must be > 0")

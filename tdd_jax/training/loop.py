@@ -55,6 +55,30 @@ class PreemptionWatch:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class NonFiniteGuard:
+    """Counts the steps the compiled step did not apply (NaN/Inf loss or gradient) and stops the run after
+    ``limit`` in a row: by then the run is diverging, not unlucky."""
+
+    def __init__(self, limit: int):
+        self.limit, self.total, self._run = limit, 0, 0
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        """Check ``step``'s metrics (waits for that step to finish)."""
+        if not int(metrics["nonfinite"]):
+            self._run = 0
+            return
+        self.total += 1
+        self._run += 1
+        logging.warning("step %d: non-finite loss %s or grad norm %s; update not applied (%d in a row, %d in "
+                        "all).", step, float(metrics["loss"]), float(metrics["grad_norm"]), self._run, self.total)
+        if self._run >= self.limit:
+            raise FloatingPointError(
+                f"steps {step - self._run + 1}..{step}: {self._run} steps in a row had a non-finite loss or "
+                f"gradient (config max_nonfinite_steps={self.limit}); none was applied and no checkpoint holds "
+                "one. Lower optim.lr or check the data and pipeline, then rerun to resume from the last "
+                "checkpoint.")
+
+
 def _tokenizer_fn(pipeline_dir: str):
     """Captions -> both tokenizers' ids, merged into each batch by the data iterator."""
     tok1, tok2 = conditioning.load_tokenizers(pipeline_dir)
@@ -142,17 +166,20 @@ def _run(cfg, workdir: epath.Path, watch: PreemptionWatch, writer, checkpoints: 
     progress = periodic_actions.ReportProgress(num_train_steps=cfg.num_train_steps, writer=writer,
                                                every_steps=cfg.log_every)
     history: list[tuple[int, dict]] = []
-    previous_loss = None
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
+    previous = None
     while True:
         state, metrics = compiled.fn(state, frozen.params, batch)
-        if previous_loss is not None:  # run at most one step ahead: bounds the batches queued on device
-            previous_loss.block_until_ready()
-        previous_loss = metrics["loss"]
+        if previous is not None:  # run at most one step ahead: bounds the batches queued on device
+            guard(*previous)
         step += 1
+        previous = (step, metrics)
         history.append((step, metrics))
         progress(step, time.time())
         stopping = watch.should_stop(step)
         done = stopping or step >= cfg.num_train_steps
+        if done:
+            guard(*previous)
         if step % cfg.log_every == 0 or done:
             last = _write_interval(writer, history)
             history = []
@@ -166,7 +193,7 @@ def _run(cfg, workdir: epath.Path, watch: PreemptionWatch, writer, checkpoints: 
     if stopping:
         logging.warning("Stopped at step %d on request; checkpoint saved: rerun with the same --workdir to resume.",
                         step)
-    logging.info("Data: %s", data.stats)
+    logging.info("Data: %s; non-finite steps skipped: %d.", data.stats, guard.total)
     return step
 
 
