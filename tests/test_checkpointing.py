@@ -3,7 +3,12 @@
 import contextlib
 import errno
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -170,3 +175,66 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     state, data_state, _ = ckpt.restore(make_state(0, ema=False))
     assert_trees_equal(state, good) and data_state == {"consumed": 1}
     ckpt.close()
+
+
+_SAVER = """
+import sys, time
+import jax, jax.numpy as jnp, numpy as np
+from tdd_jax.training.checkpointing import Checkpointer
+from tdd_jax.training.state import TrainState
+
+def state(value):  # ~50 MB, so that writing it takes a while
+    lora = {"a": jnp.full((3000, 2048), value, jnp.float32), "b": jnp.full((3000, 2048), -value, jnp.float32)}
+    return TrainState(step=jnp.asarray(value, jnp.int32), lora=lora, ema_lora=None, opt_state={}, rng=jax.random.PRNGKey(0))
+
+ckpt = Checkpointer(sys.argv[1], every=1, keep=3)
+latest = ckpt.latest_step() or 0
+ckpt.save(latest + 1, state(latest + 1), {"step": latest + 1}, {"step": latest + 1})
+print("SAVING", flush=True)
+ckpt.wait()
+print("SAVED", flush=True)
+time.sleep(60)
+"""
+
+
+def _saver(directory):
+    return subprocess.Popen([sys.executable, "-c", _SAVER, str(directory)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(tmp_path):
+    """Real kills at random points of a save: the previous step stays restorable and the next start resumes
+    from whatever step was last committed, then saves on top of it."""
+    directory = tmp_path / "checkpoints"
+    proc = _saver(directory)  # step 1, completed; time it to choose the kill points
+    assert proc.stdout.readline().strip() == "SAVING"
+    t0 = time.time()
+    assert proc.stdout.readline().strip() == "SAVED"
+    duration = time.time() - t0
+    proc.kill()
+    proc.wait()
+    rng = np.random.default_rng(0)
+    committed, interrupted = 1, 0
+    for delay in rng.uniform(0.0, 0.8 * duration, 3):
+        proc = _saver(directory)
+        assert proc.stdout.readline().strip() == "SAVING"
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        ckpt = Checkpointer(directory, every=1, keep=3)
+        latest = ckpt.latest_step()
+        assert latest in (committed, committed + 1), (latest, committed, delay)
+        target = TrainState(step=jnp.int32(0), lora={"a": jnp.zeros((3000, 2048)), "b": jnp.zeros((3000, 2048))},
+                            ema_lora=None, opt_state={}, rng=jax.random.PRNGKey(0))
+        state, data_state, meta = ckpt.restore(target)
+        assert int(state.step) == latest and data_state == {"step": latest} and meta == {"step": latest}
+        np.testing.assert_array_equal(np.asarray(state.lora["a"]), latest)
+        ckpt.close()
+        interrupted += latest == committed
+        committed = latest
+    assert interrupted, "no kill landed inside a save"
+    proc = _saver(directory)  # and a clean save on top of the debris
+    assert proc.stdout.readline().strip() == "SAVING" and proc.stdout.readline().strip() == "SAVED"
+    proc.kill()
+    proc.wait()
+    assert Checkpointer(directory, every=1, keep=3).latest_step() == committed + 1
