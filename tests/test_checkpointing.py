@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -238,3 +239,18 @@ def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(tmp_path):
     proc.kill()
     proc.wait()
     assert Checkpointer(directory, every=1, keep=3).latest_step() == committed + 1
+
+
+def test_resume_on_another_mesh(tmp_path):
+    """Written on data=2 x fsdp=4 (8 simulated devices), restored onto 1x8, 8x1 and one device: the same values
+    in the target layout, and one more AdamW step on it matches that step on the saved values."""
+    script = Path(__file__).with_name("_mesh_resume.py")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "checkpoints")], capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("REPORT "))[7:])
+    assert set(report) == {"1x8", "8x1", "one_device"}
+    for name, r in report.items():
+        assert r["equal"] and r["shardings"] and r["data"] == {"global_batches": 7} and r["step"] == 8, (name, r)
+        assert r["continued_max_err"] < 1e-6, (name, r)
+    assert report["1x8"]["split"] > 0 and report["8x1"]["split"] == report["one_device"]["split"] == 0

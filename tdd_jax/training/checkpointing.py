@@ -120,16 +120,18 @@ class Checkpointer:
         """(state, data_state, meta) of ``step`` (default: latest) laid out like ``abstract_state``.
 
         ``abstract_state``: the TrainState as ``jax.ShapeDtypeStruct`` leaves carrying their shardings (or
-        concrete arrays), so the restored state can be donated to the compiled step as is.
+        concrete arrays), so the restored state can be donated to the compiled step as is; the shardings may be
+        of another mesh than the one that wrote the checkpoint (each array is read into the new layout).
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), abstract_state)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)  # read into these shardings
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(**{
-                STATE: ocp.args.PyTreeRestore(target), META: ocp.args.JsonRestore()}))
+                STATE: ocp.args.PyTreeRestore(target, restore_args=restore_args), META: ocp.args.JsonRestore()}))
             data_state = self._data_state(step)
         except Exception as e:
             raise CheckpointError(
