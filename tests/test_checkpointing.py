@@ -20,7 +20,8 @@ import pytest
 from flax import nnx
 
 from tdd_jax.models.layers import LoRAParam
-from tdd_jax.training.checkpointing import CheckpointError, Checkpointer, NonFiniteError, restore_lora
+from tdd_jax.training.checkpointing import (CheckpointError, Checkpointer, NonFiniteError, check_compatible,
+                                            lora_metadata, restore_lora)
 from tdd_jax.training.state import TrainState
 
 
@@ -254,3 +255,21 @@ def test_resume_on_another_mesh(tmp_path):
         assert r["equal"] and r["shardings"] and r["data"] == {"global_batches": 7} and r["step"] == 8, (name, r)
         assert r["continued_max_err"] < 1e-6, (name, r)
     assert report["1x8"]["split"] > 0 and report["8x1"]["split"] == report["one_device"]["split"] == 0
+
+
+def test_checkpoint_of_another_lora_config_is_refused_before_restoring(tmp_path):
+    from _step_setup import step_config
+
+    cfg = step_config()
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=1, keep=3)
+    ckpt.save(1, make_state(1, ema=False), {}, lora_metadata(cfg, 1))
+    ckpt.close()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=1, keep=3)
+    check_compatible(ckpt.meta(1), cfg, "step 1")  # the same config resumes
+    for field, value in (("rank", 8), ("targets", ("to_q",))):
+        other = step_config(**{f"lora.{field}": value})
+        with pytest.raises(CheckpointError, match=rf"lora\.{field}=.*but the config has lora\.{field}="):
+            check_compatible(ckpt.meta(1), other, "step 1")
+    ckpt.close()
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -75,6 +75,20 @@ def lora_metadata(cfg, step: int) -> dict[str, Any]:
     }
 
 
+# Metadata keys that fix the LoRA's shapes and meaning, and the config field each comes from.
+_LORA_FIELDS = {"rank": "lora.rank", "alpha": "lora.alpha", "targets": "lora.targets"}
+
+
+def check_compatible(meta: dict, cfg, where: str) -> None:
+    """Refuse (before anything is restored or written) to resume a checkpoint whose LoRA another config made."""
+    now = lora_metadata(cfg, meta.get("step", 0))
+    for key, field in _LORA_FIELDS.items():
+        if meta.get(key) != now[key]:
+            raise CheckpointError(f"{where} was trained with {field}={meta.get(key)!r} but the config has "
+                                  f"{field}={now[key]!r}; resume with the same {field} or pick another --workdir "
+                                  "(nothing was written).")
+
+
 class Checkpointer:
     """Async, keep-last-N checkpoints of (TrainState, data-iterator state, metadata) under ``directory``."""
 
@@ -139,6 +153,14 @@ class Checkpointer:
                 "It may be truncated or written by a different config; remove that step folder "
                 "to resume from an earlier one.") from e
         return out[STATE], data_state, out[META]
+
+    def meta(self, step: int) -> dict:
+        """The metadata of ``step`` alone (cheap: no arrays are read)."""
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+        except Exception as e:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} has no readable metadata "
+                                  f"({type(e).__name__}: {e})") from e
 
     def _data_state(self, step: int) -> dict:
         """This process's saved data state, or (saved on another process count) the first process's."""

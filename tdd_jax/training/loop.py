@@ -25,7 +25,7 @@ from tdd_jax import conditioning
 from tdd_jax.data.loader import make_train_iterator
 from tdd_jax.diffusion.schedule import NoiseSchedule
 from tdd_jax.training import sharding
-from tdd_jax.training.checkpointing import Checkpointer, as_path, checkpoint_dir, lora_metadata
+from tdd_jax.training.checkpointing import Checkpointer, as_path, check_compatible, checkpoint_dir, lora_metadata
 from tdd_jax.training.config import flatten, validate
 from tdd_jax.training.frozen import load_frozen
 from tdd_jax.training.step import build_train_step, compile_train_step, select_batch
@@ -142,6 +142,7 @@ def _run(cfg, workdir: epath.Path, watch: PreemptionWatch, writer, checkpoints: 
     if start is None:
         state = step_fns.init_state(jax.random.PRNGKey(cfg.seed))
     else:  # restored straight into the step's shardings, ready to be donated to it
+        check_compatible(checkpoints.meta(start), cfg, f"checkpoint step {start} in {checkpoints.directory}")
         state, data_state, meta = checkpoints.restore(step_fns.abstract_state(), start)
         data.set_state(data_state)
         logging.info("Resumed from step %d of %s (method %s).", start, checkpoints.directory, meta["method"])
