@@ -26,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.seed = 0
     cfg.num_train_steps = 100_000
     cfg.log_every = 50
+    cfg.max_nonfinite_steps = 10  # this many steps in a row with a NaN/Inf loss or gradient stop the run
 
     cfg.lora = ml_collections.ConfigDict()
     cfg.lora.rank = 64

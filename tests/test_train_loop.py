@@ -168,3 +168,17 @@ def test_config_error_names_field_before_loading(setup):
                           env=environment(setup, 8), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "target.k_min" in proc.stderr and "Compiled" not in proc.stderr
+
+
+def test_non_finite_guard_stops_after_the_configured_run():
+    from tdd_jax.training.loop import NonFiniteGuard
+
+    def metrics(bad: bool) -> dict:
+        return {"nonfinite": np.int32(bad), "loss": np.float32(np.nan if bad else 1.0), "grad_norm": np.float32(1)}
+
+    guard = NonFiniteGuard(3)
+    for step, bad in enumerate([True, True, False, True, True], start=1):  # never 3 in a row
+        guard(step, metrics(bad))
+    assert guard.total == 4
+    with pytest.raises(FloatingPointError, match=r"steps 4\.\.6: 3 steps in a row .*max_nonfinite_steps=3"):
+        guard(6, metrics(True))

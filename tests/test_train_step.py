@@ -104,8 +104,16 @@ def test_a_few_steps_decrease_the_loss(tdd):
     before = _probe_loss(compiled, state, frozen.params, batch)
     history = []
     for _ in range(8):
+        previous = _leaves(state.lora)
         state, metrics = compiled.fn(state, frozen.params, batch)
         history.append({k: np.asarray(v) for k, v in metrics.items()})
+    # Beside the gradient norm: the norm of the update just applied and of the LoRA after it.
+    current = _leaves(state.lora)
+    norm = lambda leaves: np.sqrt(sum(float(np.sum(np.square(x, dtype=np.float64))) for x in leaves))  # noqa: E731
+    assert float(history[-1]["update_norm"]) == pytest.approx(norm([a - b for a, b in zip(current, previous)]),
+                                                              rel=1e-4)
+    assert float(history[-1]["param_norm"]) == pytest.approx(norm(current), rel=1e-5)
+    assert all(int(h["nonfinite"]) == 0 for h in history)
     after = _probe_loss(compiled, state, frozen.params, batch)
     assert after < 0.8 * before, (before, after, [float(h["loss"]) for h in history])
     assert int(state.step) == 8
@@ -159,6 +167,19 @@ def test_target_rules_and_guidance_modes(pipeline_dir, mesh, kind, mode, source,
         assert state.ema_lora is None and state.target_lora is state.lora
     if cfg.optim.schedule == "warmup":
         assert float(metrics["lr"]) == pytest.approx(LR / 4)  # the second update of a 4-step warm-up
+
+    # A NaN in the batch makes the loss and gradients NaN: the update is not applied (LoRA, EMA, optimizer
+    # moments and counts bit-identical), the step says so, and the next finite step trains on.
+    nan_times = np.full(batch["time_ids"].shape, np.nan, np.float32)
+    bad = dict(batch, time_ids=sharding.shard_batch(mesh, {"time_ids": nan_times})["time_ids"])
+    kept = _leaves((state.lora, state.ema_lora, state.opt_state))
+    state, metrics = step.train_step(state, frozen.params, bad)
+    assert int(metrics["nonfinite"]) == 1 and not np.isfinite(float(metrics["loss"]))
+    assert float(metrics["update_norm"]) == 0.0 and int(state.step) == 3
+    for a, b in zip(kept, _leaves((state.lora, state.ema_lora, state.opt_state)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    state, metrics = step.train_step(state, frozen.params, batch)
+    assert int(metrics["nonfinite"]) == 0 and float(metrics["update_norm"]) > 0
 
 
 def test_encode_batch_gives_the_cached_fields(pipeline_dir, mesh):

@@ -30,8 +30,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.interpolation = "bilinear"  # 'bilinear' | 'bicubic' | 'lanczos' | 'area' (all antialiased).
     c.min_image_size = 0  # Images whose shorter side is below this are skipped (and counted).
     # Batching and order (all sources).
-    c.batch_size = 16  # Global examples per step; each process yields batch_size // process_count.
-    c.seed = 0  # Shuffle and augmentation seed; the order is a function of (seed, process_count).
+    c.batch_size = 16  # Global examples per step; each process yields its batch_size // process_count of them.
+    c.seed = 0  # Shuffle and augmentation seed; the global batches are a function of (seed, step) only.
     c.shuffle = True  # Reshuffled every epoch.
     c.num_epochs = config_dict.placeholder(int)  # None = repeat forever (training); 1 = one pass (caching).
     c.drop_remainder = True  # Drop a last partial batch (only happens when num_epochs is set).

@@ -132,7 +132,7 @@ def _read_record(key: str, image: _Member | None, caption: _Member | None) -> di
 
 
 class WebDatasetSource:
-    """Samples of the given ``.tar`` shards (pass only this process's shards: each process reads only those).
+    """Samples of the given ``.tar`` shards (every process indexes all of them and reads only its examples).
 
     Indexing reads only the tar headers, in parallel over shards; a sample with a caption but no image (or the
     reverse) stays in the index and becomes a counted skip record when read.

@@ -4,13 +4,13 @@ One orbax ``CheckpointManager`` step folder holds three items, written atomicall
 when every item is complete):
 - ``state``: the TrainState pytree (step, LoRA, EMA LoRA, optimizer state, PRNG key), sharded arrays written by
   every process;
-- ``data``: each process's data-iterator position as ``process_<i>-of-<n>.json`` (each host reads its own shard,
-  so each has its own position);
+- ``data``: each process's data-iterator state as ``process_<i>-of-<n>.json`` (its own skip counters; the
+  position, in global batches, is the same in all, so a run on another process count resumes from any of them);
 - ``meta``: JSON describing the LoRA (method, rank, alpha, targets, target-rule and guidance settings, step) and
   the full config, which is what the conversion to diffusers/kohya files writes as safetensors metadata.
 
 Saves are asynchronous: the device arrays are copied off and written in the background while training goes on.
-Resuming never guesses: a checkpoint folder that holds anything but restorable steps is a ``CheckpointError``.
+A state holding a non-finite value is never saved (``NonFiniteError``). Resuming never guesses: a checkpoint folder that holds anything but restorable steps is a ``CheckpointError``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -33,6 +34,18 @@ CHECKPOINT_SUBDIR = "checkpoints"
 
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be used; never answered by silently starting from scratch."""
+
+
+class NonFiniteError(FloatingPointError):
+    """The state to be saved holds NaN or Inf: saving it would replace a good checkpoint with a broken one."""
+
+
+def non_finite_leaves(tree) -> list[str]:
+    """Paths of the floating-point leaves of ``tree`` that hold a NaN or Inf (checked on device, one fetch)."""
+    leaves = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+              if jnp.issubdtype(getattr(x, "dtype", np.int32), jnp.inexact)]
+    finite = jax.device_get([jnp.isfinite(x).all() for _, x in leaves])
+    return [name for (name, _), ok in zip(leaves, finite) if not ok]
 
 
 def as_path(path: str | os.PathLike) -> epath.Path:
@@ -62,6 +75,20 @@ def lora_metadata(cfg, step: int) -> dict[str, Any]:
     }
 
 
+# Metadata keys that fix the LoRA's shapes and meaning, and the config field each comes from.
+_LORA_FIELDS = {"rank": "lora.rank", "alpha": "lora.alpha", "targets": "lora.targets"}
+
+
+def check_compatible(meta: dict, cfg, where: str) -> None:
+    """Refuse (before anything is restored or written) to resume a checkpoint whose LoRA another config made."""
+    now = lora_metadata(cfg, meta.get("step", 0))
+    for key, field in _LORA_FIELDS.items():
+        if meta.get(key) != now[key]:
+            raise CheckpointError(f"{where} was trained with {field}={meta.get(key)!r} but the config has "
+                                  f"{field}={now[key]!r}; resume with the same {field} or pick another --workdir "
+                                  "(nothing was written).")
+
+
 class Checkpointer:
     """Async, keep-last-N checkpoints of (TrainState, data-iterator state, metadata) under ``directory``."""
 
@@ -87,12 +114,17 @@ class Checkpointer:
     def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> bool:
         """Start an async save when ``step`` is a multiple of ``every`` (or ``force``); returns whether it did.
 
-        ``data_state`` is copied now, so the iterator may move on while the save runs.
+        ``data_state`` is copied now, so the iterator may move on while the save runs. A ``state`` with a
+        non-finite value raises ``NonFiniteError`` and writes nothing.
         """
         if not force and step % self.every != 0:
             return False
         if step in self._manager.all_steps():
             return False
+        bad = non_finite_leaves(state)
+        if bad:
+            raise NonFiniteError(f"not saving step {step} to {self.directory}: non-finite values in "
+                                 f"{bad[:5]}{' ...' if len(bad) > 5 else ''}; the previous checkpoint is kept.")
         data_state = json.loads(json.dumps(data_state))
         return self._manager.save(step, args=ocp.args.Composite(**{
             STATE: ocp.args.PyTreeSave(state), DATA: ocp.args.JsonSave(data_state), META: ocp.args.JsonSave(meta)}),
@@ -102,22 +134,42 @@ class Checkpointer:
         """(state, data_state, meta) of ``step`` (default: latest) laid out like ``abstract_state``.
 
         ``abstract_state``: the TrainState as ``jax.ShapeDtypeStruct`` leaves carrying their shardings (or
-        concrete arrays), so the restored state can be donated to the compiled step as is.
+        concrete arrays), so the restored state can be donated to the compiled step as is; the shardings may be
+        of another mesh than the one that wrote the checkpoint (each array is read into the new layout).
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), abstract_state)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)  # read into these shardings
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(**{
-                STATE: ocp.args.PyTreeRestore(target), DATA: ocp.args.JsonRestore(), META: ocp.args.JsonRestore()}))
+                STATE: ocp.args.PyTreeRestore(target, restore_args=restore_args), META: ocp.args.JsonRestore()}))
+            data_state = self._data_state(step)
         except Exception as e:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} cannot be restored ({type(e).__name__}: {e}). "
-                "It may be truncated or written by a different config/process count; remove that step folder "
+                "It may be truncated or written by a different config; remove that step folder "
                 "to resume from an earlier one.") from e
-        return out[STATE], out[DATA], out[META]
+        return out[STATE], data_state, out[META]
+
+    def meta(self, step: int) -> dict:
+        """The metadata of ``step`` alone (cheap: no arrays are read)."""
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+        except Exception as e:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} has no readable metadata "
+                                  f"({type(e).__name__}: {e})") from e
+
+    def _data_state(self, step: int) -> dict:
+        """This process's saved data state, or (saved on another process count) the first process's."""
+        folder = self.directory / str(step) / DATA
+        own = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        saved = sorted(folder.glob("process_*-of-*.json"))
+        if not own.exists() and not saved:
+            raise FileNotFoundError(f"no data iterator state in {folder}")
+        return json.loads((own if own.exists() else saved[0]).read_text())
 
     def wait(self) -> None:
         """Block until the in-flight async save is committed."""

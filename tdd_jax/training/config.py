@@ -37,6 +37,7 @@ FIELDS = {
     "seed": int,
     "num_train_steps": int,
     "log_every": int,
+    "max_nonfinite_steps": int,
     "ema_decay": float,
     "lora.rank": int,
     "lora.alpha": float,
@@ -153,8 +154,8 @@ def validate(cfg, *, num_devices: int | None = None, process_count: int | None =
         absent = [f for f in PIPELINE_FILES if not (root / f).is_file()]
         _require(not absent, "pipeline_dir", f"{root} lacks pipeline files {absent}")
 
-    positive = ("resolution", "num_train_steps", "log_every", "lora.rank", "solver.num_steps", "target.k_min",
-                "target.pcm_phases", "batch.global_batch", "batch.grad_accum",
+    positive = ("resolution", "num_train_steps", "log_every", "max_nonfinite_steps", "lora.rank", "solver.num_steps",
+                "target.k_min", "target.pcm_phases", "batch.global_batch", "batch.grad_accum",
                 "checkpoint.every", "checkpoint.keep", "validation.every")
     for name in positive:
         _require(flat[name] > 0, name, f"{flat[name]} must be > 0")

@@ -25,7 +25,7 @@ from tdd_jax import conditioning
 from tdd_jax.data.loader import make_train_iterator
 from tdd_jax.diffusion.schedule import NoiseSchedule
 from tdd_jax.training import sharding
-from tdd_jax.training.checkpointing import Checkpointer, as_path, checkpoint_dir, lora_metadata
+from tdd_jax.training.checkpointing import Checkpointer, as_path, check_compatible, checkpoint_dir, lora_metadata
 from tdd_jax.training.config import flatten, validate
 from tdd_jax.training.frozen import load_frozen
 from tdd_jax.training.step import build_train_step, compile_train_step, select_batch
@@ -53,6 +53,30 @@ class PreemptionWatch:
     def close(self) -> None:
         if not self._multi:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+class NonFiniteGuard:
+    """Counts the steps the compiled step did not apply (NaN/Inf loss or gradient) and stops the run after
+    ``limit`` in a row: by then the run is diverging, not unlucky."""
+
+    def __init__(self, limit: int):
+        self.limit, self.total, self._run = limit, 0, 0
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        """Check ``step``'s metrics (waits for that step to finish)."""
+        if not int(metrics["nonfinite"]):
+            self._run = 0
+            return
+        self.total += 1
+        self._run += 1
+        logging.warning("step %d: non-finite loss %s or grad norm %s; update not applied (%d in a row, %d in "
+                        "all).", step, float(metrics["loss"]), float(metrics["grad_norm"]), self._run, self.total)
+        if self._run >= self.limit:
+            raise FloatingPointError(
+                f"steps {step - self._run + 1}..{step}: {self._run} steps in a row had a non-finite loss or "
+                f"gradient (config max_nonfinite_steps={self.limit}); none was applied and no checkpoint holds "
+                "one. Lower optim.lr or check the data and pipeline, then rerun to resume from the last "
+                "checkpoint.")
 
 
 def _tokenizer_fn(pipeline_dir: str):
@@ -118,6 +142,7 @@ def _run(cfg, workdir: epath.Path, watch: PreemptionWatch, writer, checkpoints: 
     if start is None:
         state = step_fns.init_state(jax.random.PRNGKey(cfg.seed))
     else:  # restored straight into the step's shardings, ready to be donated to it
+        check_compatible(checkpoints.meta(start), cfg, f"checkpoint step {start} in {checkpoints.directory}")
         state, data_state, meta = checkpoints.restore(step_fns.abstract_state(), start)
         data.set_state(data_state)
         logging.info("Resumed from step %d of %s (method %s).", start, checkpoints.directory, meta["method"])
@@ -142,17 +167,20 @@ def _run(cfg, workdir: epath.Path, watch: PreemptionWatch, writer, checkpoints: 
     progress = periodic_actions.ReportProgress(num_train_steps=cfg.num_train_steps, writer=writer,
                                                every_steps=cfg.log_every)
     history: list[tuple[int, dict]] = []
-    previous_loss = None
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
+    previous = None
     while True:
         state, metrics = compiled.fn(state, frozen.params, batch)
-        if previous_loss is not None:  # run at most one step ahead: bounds the batches queued on device
-            previous_loss.block_until_ready()
-        previous_loss = metrics["loss"]
+        if previous is not None:  # run at most one step ahead: bounds the batches queued on device
+            guard(*previous)
         step += 1
+        previous = (step, metrics)
         history.append((step, metrics))
         progress(step, time.time())
         stopping = watch.should_stop(step)
         done = stopping or step >= cfg.num_train_steps
+        if done:
+            guard(*previous)
         if step % cfg.log_every == 0 or done:
             last = _write_interval(writer, history)
             history = []
@@ -166,7 +194,7 @@ def _run(cfg, workdir: epath.Path, watch: PreemptionWatch, writer, checkpoints: 
     if stopping:
         logging.warning("Stopped at step %d on request; checkpoint saved: rerun with the same --workdir to resume.",
                         step)
-    logging.info("Data: %s", data.stats)
+    logging.info("Data: %s; non-finite steps skipped: %d.", data.stats, guard.total)
     return step
 
 

@@ -266,8 +266,16 @@ class TrainStep:
         if ema is not None:
             mu = float(self.cfg.ema_decay)
             ema = jax.tree.map(lambda e, p: mu * e + (1.0 - mu) * p, ema, lora)
+        # A NaN/Inf loss or gradient is not applied: LoRA, EMA and optimizer state stay as they were (the step
+        # counter and PRNG move on, so the next step draws fresh noise); the loop counts such steps.
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        lora, ema, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (lora, ema, opt_state),
+                                            (state.lora, state.ema_lora, state.opt_state))
         new_state = TrainState(step=state.step + 1, lora=lora, ema_lora=ema, opt_state=opt_state, rng=rng)
-        metrics.update(loss=loss, grad_norm=optax.global_norm(grads), lr=self.lr_schedule(state.step))
+        metrics.update(loss=loss, grad_norm=grad_norm, lr=self.lr_schedule(state.step),
+                       update_norm=jnp.where(finite, optax.global_norm(updates), 0.0),
+                       param_norm=optax.global_norm(lora), nonfinite=(~finite).astype(jnp.int32))
         return new_state, metrics
 
 
