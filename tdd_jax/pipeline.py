@@ -26,9 +26,10 @@ from jax.sharding import Mesh
 from tdd_jax import conditioning
 from tdd_jax.diffusion.sampler import SamplerSettings, sample
 from tdd_jax.diffusion.schedule import NoiseSchedule
+from tdd_jax.models import lora as lora_lib
 from tdd_jax.models import lora_formats
 from tdd_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
-from tdd_jax.models.layers import ModelOptions, lora_scale
+from tdd_jax.models.layers import ModelOptions
 from tdd_jax.models.loading import read_config
 from tdd_jax.models.unet import UNet2DConditionModel
 from tdd_jax.models.vae import AutoencoderKL
@@ -125,24 +126,38 @@ def _pad(array: np.ndarray, n: int) -> np.ndarray:
 
 
 class TDDPipeline:
-    """Loaded SDXL components (+ optional LoRA at a fixed scale) and their compiled render functions.
+    """Loaded SDXL components (+ optional LoRA merged into the weights) and their compiled render functions.
 
-    The LoRA scale is read when a function is traced, so it is fixed per instance; build another instance for
-    another scale. Inputs and outputs are host numpy arrays of one process (multi-host jobs: one job per host).
+    A loaded LoRA is merged once, W + scale·B·A per adapted layer (``lora.merge_weights``), so sampling runs the
+    plain models at base-model speed; the unmerged ``base_params`` are kept, so ``set_lora_scale`` re-merges
+    from them (0 gives back exactly the base weights) and never recompiles: the weights are arguments of the
+    compiled function and the graphs carry no LoRA. Inputs and outputs are host numpy arrays of one process
+    (multi-host jobs: one job per host).
     """
 
     def __init__(self, *, graphdefs: dict, params: dict, tokenizers: tuple, schedule: NoiseSchedule,
-                 geometry: ImageGeometry, mesh: Mesh, lora_scale: float = 1.0, lora_info: dict | None = None):
+                 geometry: ImageGeometry, mesh: Mesh, loras: dict | None = None, lora_scale: float = 1.0,
+                 lora_info: dict | None = None):
         self._graphdefs = graphdefs
-        self.params = params
+        self.base_params = params
+        self.loras = {name: lora for name, lora in (loras or {}).items() if lora}
         self.tokenizers = tokenizers
         self.schedule = schedule
         self.geometry = geometry
         self.mesh = mesh
-        self.lora_scale = float(lora_scale)
         self.lora_info = lora_info
         self._render = jax.jit(self._render_impl, static_argnames=("settings", "latent_shape", "output_type"),
                                out_shardings=sharding.replicated(mesh))
+        self.set_lora_scale(lora_scale)
+
+    def set_lora_scale(self, scale: float) -> None:
+        """Sample with the loaded LoRA at ``scale``: ``params`` become the base weights with the LoRA merged."""
+        self.lora_scale = float(scale)
+        self.params = dict(self.base_params)
+        if self.lora_scale:
+            merged = {name: lora_lib.merge_weights(self.base_params[name], lora, self.lora_scale)
+                      for name, lora in self.loras.items()}
+            self.params.update(jax.device_put(merged, sharding.replicated(self.mesh)))
 
     @classmethod
     def from_pretrained(cls, pipeline_dir: str | Path, *, lora: str | Path | None = None, lora_scale: float = 1.0,
@@ -157,12 +172,13 @@ class TDDPipeline:
         models = {name: model_cls.from_pretrained(folder / name, opts=opts, shardings=placed)
                   for name, model_cls in MODELS.items()}
         lora_info = None if lora is None else load_lora(lora, models, step=lora_step, ema=lora_ema)
-        graphdefs, params = {}, {}
+        graphdefs, params, loras = {}, {}, {}
         for name, model in models.items():
+            loras[name] = lora_lib.detach_lora(model)  # the graphs stay LoRA-free; the LoRA is merged in
             graphdefs[name], params[name] = nnx.split(model)
         return cls(graphdefs=graphdefs, params=jax.device_put(params, placed),
                    tokenizers=conditioning.load_tokenizers(folder), schedule=NoiseSchedule.from_pretrained(folder),
-                   geometry=geometry, mesh=mesh, lora_scale=lora_scale, lora_info=lora_info)
+                   geometry=geometry, mesh=mesh, loras=loras, lora_scale=lora_scale, lora_info=lora_info)
 
     @property
     def num_batch_shards(self) -> int:
@@ -171,38 +187,37 @@ class TDDPipeline:
 
     def _render_impl(self, params: dict, batch: dict, *, settings: SamplerSettings,
                      latent_shape: tuple[int, int, int], output_type: str) -> jax.Array:
-        """Token ids and seeds -> images or latents; the LoRA scale applies to every model call traced here."""
-        with lora_scale(self.lora_scale):
-            unet, text_encoder, text_encoder_2, vae = (nnx.merge(self._graphdefs[k], params[k]) for k in MODELS)
-            b = batch["seeds"].shape[0]
-            ids, ids_2 = batch["ids"], batch["ids_2"]
-            if settings.uses_cfg:  # negative prompts through the encoders in the same 2B batch
-                ids = jnp.concatenate([ids, batch["negative_ids"]])
-                ids_2 = jnp.concatenate([ids_2, batch["negative_ids_2"]])
-            embeds, pooled = conditioning.encode_prompts(text_encoder, text_encoder_2, ids, ids_2)
-            cond = {"prompt_embeds": embeds[:b], "text_embeds": pooled[:b], "time_ids": batch["time_ids"]}
-            uncond = None
-            if settings.uses_cfg:
-                zero_embeds, zero_pooled = conditioning.zero_conditioning(embeds[:b], pooled[:b])
-                use = batch["has_negative"]
-                uncond = {"prompt_embeds": jnp.where(use[:, None, None], embeds[b:], zero_embeds),
-                          "text_embeds": jnp.where(use[:, None], pooled[b:], zero_pooled),
-                          "time_ids": batch["time_ids"]}
+        """Token ids and seeds -> images or latents (any LoRA is already merged into ``params``)."""
+        unet, text_encoder, text_encoder_2, vae = (nnx.merge(self._graphdefs[k], params[k]) for k in MODELS)
+        b = batch["seeds"].shape[0]
+        ids, ids_2 = batch["ids"], batch["ids_2"]
+        if settings.uses_cfg:  # negative prompts through the encoders in the same 2B batch
+            ids = jnp.concatenate([ids, batch["negative_ids"]])
+            ids_2 = jnp.concatenate([ids_2, batch["negative_ids_2"]])
+        embeds, pooled = conditioning.encode_prompts(text_encoder, text_encoder_2, ids, ids_2)
+        cond = {"prompt_embeds": embeds[:b], "text_embeds": pooled[:b], "time_ids": batch["time_ids"]}
+        uncond = None
+        if settings.uses_cfg:
+            zero_embeds, zero_pooled = conditioning.zero_conditioning(embeds[:b], pooled[:b])
+            use = batch["has_negative"]
+            uncond = {"prompt_embeds": jnp.where(use[:, None, None], embeds[b:], zero_embeds),
+                      "text_embeds": jnp.where(use[:, None], pooled[b:], zero_pooled),
+                      "time_ids": batch["time_ids"]}
 
-            keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(batch["seeds"])
-            x_T = batch.get("latents")
-            if x_T is None:
-                x_T = jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))(keys[:, 0])
+        keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(batch["seeds"])
+        x_T = batch.get("latents")
+        if x_T is None:
+            x_T = jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))(keys[:, 0])
 
-            def model_fn(x, t, c):
-                return unet(x, t, c["prompt_embeds"], {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]})
+        def model_fn(x, t, c):
+            return unet(x, t, c["prompt_embeds"], {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]})
 
-            latents = sample(model_fn, self.schedule, settings, x_T, keys[:, 1], cond, uncond)
-            if output_type == "latent":
-                return latents
-            decoded = vae.decode(latents / vae.scaling_factor + vae.shift_factor).astype(jnp.float32)
-            images = jnp.clip(decoded / 2 + 0.5, 0.0, 1.0)
-            return jnp.round(images * 255).astype(jnp.uint8) if output_type == "uint8" else images
+        latents = sample(model_fn, self.schedule, settings, x_T, keys[:, 1], cond, uncond)
+        if output_type == "latent":
+            return latents
+        decoded = vae.decode(latents / vae.scaling_factor + vae.shift_factor).astype(jnp.float32)
+        images = jnp.clip(decoded / 2 + 0.5, 0.0, 1.0)
+        return jnp.round(images * 255).astype(jnp.uint8) if output_type == "uint8" else images
 
     def __call__(self, prompts: str | Sequence[str], settings: SamplerSettings = SamplerSettings(), *,
                  seeds: int | Sequence[int] = 0, negative_prompts: str | Sequence[str | None] | None = None,
