@@ -191,18 +191,20 @@ class TDDPipeline:
         unet, text_encoder, text_encoder_2, vae = (nnx.merge(self._graphdefs[k], params[k]) for k in MODELS)
         b = batch["seeds"].shape[0]
         ids, ids_2 = batch["ids"], batch["ids_2"]
-        if settings.uses_cfg:  # negative prompts through the encoders in the same 2B batch
+        negatives = settings.uses_cfg and "negative_ids" in batch
+        if negatives:  # negative prompts through the encoders in the same 2B batch
             ids = jnp.concatenate([ids, batch["negative_ids"]])
             ids_2 = jnp.concatenate([ids_2, batch["negative_ids_2"]])
         embeds, pooled = conditioning.encode_prompts(text_encoder, text_encoder_2, ids, ids_2)
         cond = {"prompt_embeds": embeds[:b], "text_embeds": pooled[:b], "time_ids": batch["time_ids"]}
         uncond = None
         if settings.uses_cfg:
-            zero_embeds, zero_pooled = conditioning.zero_conditioning(embeds[:b], pooled[:b])
-            use = batch["has_negative"]
-            uncond = {"prompt_embeds": jnp.where(use[:, None, None], embeds[b:], zero_embeds),
-                      "text_embeds": jnp.where(use[:, None], pooled[b:], zero_pooled),
-                      "time_ids": batch["time_ids"]}
+            uncond_embeds, uncond_pooled = conditioning.zero_conditioning(embeds[:b], pooled[:b])
+            if negatives:
+                use = batch["has_negative"]
+                uncond_embeds = jnp.where(use[:, None, None], embeds[b:], uncond_embeds)
+                uncond_pooled = jnp.where(use[:, None], pooled[b:], uncond_pooled)
+            uncond = {"prompt_embeds": uncond_embeds, "text_embeds": uncond_pooled, "time_ids": batch["time_ids"]}
 
         keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s)))(batch["seeds"])
         x_T = batch.get("latents")
@@ -252,7 +254,7 @@ class TDDPipeline:
                  "seeds": np.asarray(seeds, np.uint32),
                  "time_ids": np.tile(conditioning.time_ids((height, width)), (n, 1))}
         negatives = _as_list(negative_prompts, n, "negative_prompts")
-        if settings.uses_cfg:
+        if settings.uses_cfg and any(p is not None for p in negatives):  # else no encoder work on 2B rows
             texts = ["" if p is None else p for p in negatives]
             batch["negative_ids"] = conditioning.tokenize(self.tokenizers[0], texts)
             batch["negative_ids_2"] = conditioning.tokenize(self.tokenizers[1], texts)
