@@ -26,11 +26,11 @@ from jax.sharding import Mesh
 from tdd_jax import conditioning
 from tdd_jax.diffusion.sampler import SamplerSettings
 from tdd_jax.diffusion.schedule import NoiseSchedule
+from tdd_jax.models import lora as lora_lib
 from tdd_jax.models import lora_formats
 from tdd_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from tdd_jax.models.layers import ModelOptions
 from tdd_jax.models.loading import read_config
-from tdd_jax.models.lora import scale_lora
 from tdd_jax.models.unet import UNet2DConditionModel
 from tdd_jax.models.vae import AutoencoderKL
 from tdd_jax.render import OUTPUT_TYPES, render
@@ -126,24 +126,38 @@ def _pad(array: np.ndarray, n: int) -> np.ndarray:
 
 
 class TDDPipeline:
-    """Loaded SDXL components (+ optional LoRA at a fixed scale) and their compiled render functions.
+    """Loaded SDXL components (+ optional LoRA merged into the weights) and their compiled render functions.
 
-    The LoRA scale is part of the loaded models' graph, so it is fixed per instance; build another instance for
-    another scale. Inputs and outputs are host numpy arrays of one process (multi-host jobs: one job per host).
+    A loaded LoRA is merged once, W + scale·B·A per adapted layer (``lora.merge_weights``), so sampling runs the
+    plain models at base-model speed; the unmerged ``base_params`` are kept, so ``set_lora_scale`` re-merges
+    from them (0 gives back exactly the base weights) and never recompiles: the weights are arguments of the
+    compiled function and the graphs carry no LoRA. Inputs and outputs are host numpy arrays of one process
+    (multi-host jobs: one job per host).
     """
 
     def __init__(self, *, graphdefs: dict, params: dict, tokenizers: tuple, schedule: NoiseSchedule,
-                 geometry: ImageGeometry, mesh: Mesh, lora_scale: float = 1.0, lora_info: dict | None = None):
+                 geometry: ImageGeometry, mesh: Mesh, loras: dict | None = None, lora_scale: float = 1.0,
+                 lora_info: dict | None = None):
         self._graphdefs = graphdefs
-        self.params = params
+        self.base_params = params
+        self.loras = {name: lora for name, lora in (loras or {}).items() if lora}
         self.tokenizers = tokenizers
         self.schedule = schedule
         self.geometry = geometry
         self.mesh = mesh
-        self.lora_scale = float(lora_scale)
         self.lora_info = lora_info
         self._render = jax.jit(self._render_impl, static_argnames=("settings", "latent_shape", "output_type"),
                                out_shardings=sharding.replicated(mesh))
+        self.set_lora_scale(lora_scale)
+
+    def set_lora_scale(self, scale: float) -> None:
+        """Sample with the loaded LoRA at ``scale``: ``params`` become the base weights with the LoRA merged."""
+        self.lora_scale = float(scale)
+        self.params = dict(self.base_params)
+        if self.lora_scale:
+            merged = {name: lora_lib.merge_weights(self.base_params[name], lora, self.lora_scale)
+                      for name, lora in self.loras.items()}
+            self.params.update(jax.device_put(merged, sharding.replicated(self.mesh)))
 
     @classmethod
     def from_pretrained(cls, pipeline_dir: str | Path, *, lora: str | Path | None = None, lora_scale: float = 1.0,
@@ -158,15 +172,13 @@ class TDDPipeline:
         models = {name: model_cls.from_pretrained(folder / name, opts=opts, shardings=placed)
                   for name, model_cls in MODELS.items()}
         lora_info = None if lora is None else load_lora(lora, models, step=lora_step, ema=lora_ema)
-        if lora is not None:
-            for model in models.values():
-                scale_lora(model, lora_scale)
-        graphdefs, params = {}, {}
+        graphdefs, params, loras = {}, {}, {}
         for name, model in models.items():
+            loras[name] = lora_lib.detach_lora(model)  # the graphs stay LoRA-free; the LoRA is merged in
             graphdefs[name], params[name] = nnx.split(model)
         return cls(graphdefs=graphdefs, params=jax.device_put(params, placed),
                    tokenizers=conditioning.load_tokenizers(folder), schedule=NoiseSchedule.from_pretrained(folder),
-                   geometry=geometry, mesh=mesh, lora_scale=lora_scale, lora_info=lora_info)
+                   geometry=geometry, mesh=mesh, loras=loras, lora_scale=lora_scale, lora_info=lora_info)
 
     @property
     def num_batch_shards(self) -> int:
@@ -175,19 +187,19 @@ class TDDPipeline:
 
     def _render_impl(self, params: dict, batch: dict, *, settings: SamplerSettings,
                      latent_shape: tuple[int, int, int], output_type: str) -> jax.Array:
-        """Token ids and seeds -> images or latents (``render.render``)."""
+        """Token ids and seeds -> images or latents (``render.render``; any LoRA is already merged into ``params``)."""
         unet, text_encoder, text_encoder_2, vae = (nnx.merge(self._graphdefs[k], params[k]) for k in MODELS)
         b = batch["seeds"].shape[0]
         ids, ids_2 = batch["ids"], batch["ids_2"]
-        if settings.uses_cfg:  # negative prompts through the encoders in the same 2B batch
+        negatives = settings.uses_cfg and "negative_ids" in batch
+        if negatives:  # negative prompts through the encoders in the same 2B batch
             ids = jnp.concatenate([ids, batch["negative_ids"]])
             ids_2 = jnp.concatenate([ids_2, batch["negative_ids_2"]])
         embeds, pooled = conditioning.encode_prompts(text_encoder, text_encoder_2, ids, ids_2)
         cond = conditioning.Cond(embeds[:b], pooled[:b], batch["time_ids"])
-        uncond = None
-        if settings.uses_cfg:
-            zero = cond.unconditional()
-            use = batch["has_negative"]
+        uncond = None  # SDXL's zero embeddings (render fills them in) unless negative prompts are given
+        if negatives:
+            zero, use = cond.unconditional(), batch["has_negative"]
             uncond = conditioning.Cond(jnp.where(use[:, None, None], embeds[b:], zero.prompt_embeds),
                                        jnp.where(use[:, None], pooled[b:], zero.pooled), batch["time_ids"])
         return render(unet, vae, self.schedule, settings, batch["seeds"], latent_shape, cond, uncond,
@@ -226,7 +238,7 @@ class TDDPipeline:
                  "seeds": np.asarray(seeds, np.uint32),
                  "time_ids": np.tile(conditioning.time_ids((height, width)), (n, 1))}
         negatives = _as_list(negative_prompts, n, "negative_prompts")
-        if settings.uses_cfg:
+        if settings.uses_cfg and any(p is not None for p in negatives):  # else no encoder work on 2B rows
             texts = ["" if p is None else p for p in negatives]
             batch["negative_ids"] = conditioning.tokenize(self.tokenizers[0], texts)
             batch["negative_ids_2"] = conditioning.tokenize(self.tokenizers[1], texts)

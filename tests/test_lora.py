@@ -14,8 +14,8 @@ from test_unet import jax_args, sdxl_inputs, torch_call, unet_forward
 from tiny_pipeline import assert_parity
 
 from tdd_jax.models.layers import Conv2d, LoRAParam, ModelOptions
-from tdd_jax.models.lora import (TDD_TARGETS, LoRAConfig, attach_lora, lora_modules, matches_target, merge_lora,
-                                 scale_lora, split_lora)
+from tdd_jax.models.lora import (TDD_TARGETS, LoRAConfig, attach_lora, detach_lora, lora_modules, matches_target,
+                                 merge_lora, split_lora)
 from tdd_jax.models.unet import UNet2DConditionModel
 
 RANK, ALPHA = 4, 8  # alpha != rank, so the alpha/rank scale is exercised
@@ -99,8 +99,8 @@ def test_peft_lora_matches_outputs_and_gradients(torch_lora_unet, unet_dir, inpu
 
 
 def test_lora_off_is_the_base_model_bit_for_bit(torch_lora_unet, unet_dir, inputs):
-    """The trainer's teacher (the LoRA-free graph on the student's base state) and a LoRA at strength 0 compute
-    exactly the separately loaded base model, while the student differs; the graphs, not a switch, say which."""
+    """The trainer's teacher (the LoRA-free graph on the student's base state) computes exactly the separately
+    loaded base model, while the student differs (and equals it once its LoRA is detached): the graph says which."""
     base = UNet2DConditionModel.from_pretrained(unet_dir)
     student = UNet2DConditionModel.from_pretrained(unet_dir)
     with_peft_weights(student, peft_weights(torch_lora_unet))
@@ -110,7 +110,7 @@ def test_lora_off_is_the_base_model_bit_for_bit(torch_lora_unet, unet_dir, input
     expected = np.asarray(unet_forward(base, *args))
     np.testing.assert_array_equal(np.asarray(unet_forward(teacher, *args)), expected)
     assert np.abs(np.asarray(unet_forward(student, *args)) - expected).max() > 1e-3
-    scale_lora(student, 0.0)
+    detach_lora(student)
     np.testing.assert_array_equal(np.asarray(unet_forward(student, *args)), expected)
 
 

@@ -90,6 +90,14 @@ def test_parity_with_diffusers_tcd(pipe, initial_latents, diffusers_reference):
     assert gap > 1e-2  # the two final steps really differ
 
 
+def test_cfg_without_negative_prompts_matches_diffusers(pipe, initial_latents, diffusers_reference):
+    """With no negative prompt at all the 2B encoder pass is skipped (the uncond is SDXL's zeros): row 0 is
+    still diffusers' image with negative_prompt=None."""
+    ref, _ = diffusers_reference
+    ours = pipe(PROMPTS, TCD, latents=initial_latents.numpy().transpose(0, 2, 3, 1), output_type="float")
+    assert float(np.abs(ours[0] - ref["images"][0]).max()) <= 1e-4
+
+
 def test_same_seed_gives_the_same_image_whatever_the_batch(pipe):
     settings = SamplerSettings()  # γ = 0.2: the renoise stream comes from the seed too
     a = pipe(PROMPTS, settings, seeds=[3, 4], batch_size=2)

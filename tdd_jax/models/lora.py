@@ -85,14 +85,53 @@ def merge_lora(graphdef, lora_state, base_state) -> nnx.Module:
     return nnx.merge(graphdef, lora_state, base_state)
 
 
-def scale_lora(model: nnx.Module, scale: float) -> None:
-    """Run every attached LoRA at ``scale`` times its alpha/rank (a LoRA's strength); 0 detaches the branches,
-    so the model computes exactly the base model. The multiplier is static (in the graphdef), so a compiled
-    function is always for one strength."""
-    for _, mod in nnx.iter_modules(model):
+# --- merged LoRA for inference ------------------------------------------------------------------------------
+
+def lora_delta(lora_A: jax.Array, lora_B: jax.Array) -> jax.Array:
+    """B·A in the layout of the layer's weight, float32: (out, r) @ (r, in) for a Linear; for a Conv2d, PEFT's
+    A conv (the layer's kernel/stride/padding) followed by a 1x1 B conv is one conv with kernel
+    Σ_r B[:, r] A[r] of shape (out, in, kh, kw)."""
+    up = lora_B.astype(jnp.float32).reshape(lora_B.shape[0], lora_B.shape[1])
+    return jnp.tensordot(up, lora_A.astype(jnp.float32), axes=(1, 0))
+
+
+def merged_weight(weight: jax.Array, lora_A: jax.Array, lora_B: jax.Array, scale: float) -> jax.Array:
+    """W + scale·B·A, computed in float32 and stored in W's dtype (``scale`` includes alpha / rank)."""
+    return (weight.astype(jnp.float32) + scale * lora_delta(lora_A, lora_B)).astype(weight.dtype)
+
+
+def detach_lora(model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array, float]]:
+    """Take the LoRA off ``model`` in place: {module path: (lora_A, lora_B, alpha / rank)}.
+
+    The model is left without LoRA slots, so its graphdef is the plain base model's and a LoRA can only be
+    applied to it by ``merge_weights``.
+    """
+    detached = {}
+    for path, mod in nnx.iter_modules(model):
         if isinstance(mod, (Linear, Conv2d)) and mod.lora_A is not None:
-            if scale == 0:
-                mod.lora_A, mod.lora_B = nnx.data(None), nnx.data(None)
-                mod.lora_alpha_over_rank = 0.0
-            else:
-                mod.lora_alpha_over_rank = mod.lora_alpha_over_rank * float(scale)
+            detached[_path_str(path)] = (mod.lora_A[...], mod.lora_B[...], mod.lora_alpha_over_rank)
+            mod._init_no_lora()
+    return detached
+
+
+def merge_weights(base_state: nnx.State, lora: dict[str, tuple[jax.Array, jax.Array, float]],
+                  scale: float) -> nnx.State:
+    """A copy of ``base_state`` (from a model without LoRA slots) with every adapted layer's weight replaced
+    by ``merged_weight`` at ``scale`` · alpha / rank; ``base_state`` itself is untouched, so dropping the
+    merged copy restores the base exactly, and another scale re-merges from it. Unadapted leaves are shared."""
+    found = set()
+
+    def merge(path, var):
+        keys = [str(getattr(p, "key", p)) for p in path]
+        module = ".".join(keys[:-1])
+        if keys[-1] != "weight" or module not in lora:
+            return var
+        found.add(module)
+        lora_A, lora_B, alpha_over_rank = lora[module]
+        return var.replace(merged_weight(var[...], lora_A, lora_B, scale * alpha_over_rank))
+
+    merged = jax.tree_util.tree_map_with_path(merge, base_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    missing = sorted(set(lora) - found)
+    if missing:
+        raise ValueError(f"LoRA modules {missing[:5]} have no weight in the base state ({len(missing)} missing)")
+    return merged

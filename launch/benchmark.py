@@ -1,0 +1,373 @@
+"""Side-by-side speed of tdd_jax and its PyTorch peers, in one process, on the same model, batch and threads.
+
+    python -m launch.benchmark [--pipeline tdd_jax/assets/tiny_sdxl] [--batch 16] [--size 64] [--threads 2]
+        [--repeats 5] [--device cpu|gpu] [--torch_compile] [--parts train,sample,flops] [--out bench.json]
+    python -m launch.benchmark --quick   # tiny sizes, 1 repeat (run by the test suite so it cannot rot)
+
+(a) train: our compiled TDD step vs a PyTorch step written like the official train_tdd.py (diffusers UNet +
+    PEFT LoRA student, a second frozen teacher UNet, teacher CFG as one 2B call, DDIM step to t_n, target
+    from the student under no_grad, pseudo-Huber, AdamW + grad clipping), both from cached latents/embeddings.
+(b) sample: our TDDPipeline (4/8 steps, CFG 1 / 1.7, without / with a rank-64 LoRA, merged) vs diffusers'
+    StableDiffusionXLPipeline + TCDScheduler(original_inference_steps=250) (LoRA loaded and fused).
+(c) flops: XLA's FLOP count of our step and the FLOP/s it achieves vs a measured fp32 matmul peak.
+Repeats of the two sides are interleaved, so machine noise hits both; medians, min-max and ratios are printed
+and written as JSON. The PyTorch side is a benchmark reference only, not a training path of the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tdd_jax" / "assets" / "tiny_sdxl"
+PROMPTS = ["a photo of a cat", "a red car on the street", "a smiling face", "a bowl of fruit"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launch.benchmark", description=__doc__.split("\n")[0])
+    p.add_argument("--pipeline", default=str(TINY), help="diffusers SDXL pipeline folder")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--threads", type=int, default=2, help="CPU cores both sides are pinned to")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per side, after one warm-up")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--torch_compile", action="store_true", help="torch.compile the PyTorch UNets")
+    p.add_argument("--parts", default="train,sample,flops")
+    p.add_argument("--steps", default="4,8", help="sampling step counts")
+    p.add_argument("--lora_rank", type=int, default=64)
+    p.add_argument("--quick", action="store_true", help="batch 2, 16 px, 1 repeat, 4 steps")
+    p.add_argument("--out", default=None, help="JSON output (default: print only)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.size, args.repeats, args.steps, args.lora_rank = 2, 16, 1, "4", 4
+    return args
+
+
+def pin_threads(args) -> None:
+    """Both sides on the same cores: the process's CPU affinity (XLA's and torch's pools) and torch's threads.
+    Must run before jax is imported."""
+    if args.device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        cores = sorted(os.sched_getaffinity(0))[: args.threads]
+        os.sched_setaffinity(0, cores)
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+
+def stats(times: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
+
+
+def interleave(sides: dict, repeats: int) -> dict:
+    """{side: stats}: one untimed warm-up each (compiles), then ``repeats`` rounds of every side in turn."""
+    for fn in sides.values():
+        fn()
+    times = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: stats(t) for name, t in times.items()}
+
+
+# --- (a) train step -----------------------------------------------------------------------------------------
+
+def step_config(args):
+    sys.path.insert(0, str(REPO / "configs"))
+    import tdd_sdxl
+
+    cfg = tdd_sdxl.get_config()
+    cfg.batch.global_batch, cfg.batch.grad_accum = args.batch, 1
+    cfg.model.dtype, cfg.model.param_dtype, cfg.model.remat = "float32", "float32", "none"
+    cfg.lora.rank = args.lora_rank
+    cfg.guidance.mode = "official"  # CFG on every sample, as train_tdd.py
+    cfg.guidance.rho = 0.0  # no caption dropout: cached embeddings, the same work on both sides
+    return cfg
+
+
+def cached_batch(args, unet_config: dict, text_dim: int, pooled_dim: int):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    h = args.size // vae_factor(args)
+    return {"latents": rng.normal(0.0, 1.0, (args.batch, h, h, unet_config["in_channels"])).astype(np.float32),
+            "prompt_embeds": rng.normal(size=(args.batch, 77, text_dim)).astype(np.float32),
+            "pooled_prompt_embeds": rng.normal(size=(args.batch, pooled_dim)).astype(np.float32),
+            "time_ids": np.tile(np.float32([args.size, args.size, 0, 0, args.size, args.size]), (args.batch, 1))}
+
+
+def vae_factor(args) -> int:
+    from tdd_jax.models.loading import read_config
+
+    return 2 ** (len(read_config(Path(args.pipeline) / "vae")["block_out_channels"]) - 1)
+
+
+def jax_train_step(args, cfg, batch):
+    """(run, flops): our compiled step on the cached batch."""
+    import jax
+
+    from tdd_jax.diffusion.schedule import NoiseSchedule
+    from tdd_jax.training import sharding
+    from tdd_jax.training.frozen import load_frozen
+    from tdd_jax.training.step import build_train_step, compile_train_step
+
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    frozen = load_frozen(args.pipeline, cfg, mesh, encoders=False)
+    step = build_train_step(cfg, frozen, NoiseSchedule.from_pretrained(args.pipeline))
+    placed = sharding.shard_batch(mesh, batch)
+    compiled = compile_train_step(step, placed)
+    box = {"state": step.init_state(jax.random.PRNGKey(0))}
+
+    def run():
+        box["state"], metrics = compiled.fn(box["state"], frozen.params, placed)
+        jax.block_until_ready(metrics["loss"])
+
+    return run, compiled.flops
+
+
+def torch_train_step(args, cfg, batch):
+    """A step written like the official train_tdd.py on the same UNet, batch and TDD settings."""
+    import numpy as np
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+
+    device = "cuda" if args.device == "gpu" else "cpu"
+    folder = Path(args.pipeline)
+    teacher = UNet2DConditionModel.from_pretrained(folder / "unet").to(device).requires_grad_(False)
+    student = UNet2DConditionModel.from_pretrained(folder / "unet").to(device).requires_grad_(False)
+    student.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, init_lora_weights="gaussian",
+                                   target_modules=list(cfg.lora.targets)))
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.b1, cfg.optim.b2),
+                            weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+    if args.torch_compile:
+        teacher, student_fn = torch.compile(teacher), torch.compile(student)
+    else:
+        student_fn = student
+    sched = DDPMScheduler.from_pretrained(folder / "scheduler")
+    ac = sched.alphas_cumprod.to(device)
+    ddim = torch.arange(1, 251, device=device) * 4 - 1  # the 250-step solver grid
+    tensors = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in batch.items()}
+    latents = tensors["latents"].permute(0, 3, 1, 2).contiguous()
+    embeds, pooled, time_ids = tensors["prompt_embeds"], tensors["pooled_prompt_embeds"], tensors["time_ids"]
+    w, c, b = float(cfg.guidance.w_max), float(cfg.loss.huber_c), latents.shape[0]
+    zeros_e, zeros_p = torch.zeros_like(embeds), torch.zeros_like(pooled)
+    gen = torch.Generator(device).manual_seed(0)
+
+    def bc(x):
+        return x.view(-1, 1, 1, 1)
+
+    def x0_eps(x, t, eps):
+        return (x - bc((1 - ac[t]).sqrt()) * eps) / bc(ac[t].sqrt()), eps
+
+    def f(x, t, s, eps):  # x at t -> the ODE solution at s (DDIM / DPM-Solver++(1) parameterisation)
+        x0, eps = x0_eps(x, t, eps)
+        return bc(ac[s].sqrt()) * x0 + bc((1 - ac[s]).sqrt()) * eps
+
+    def run():
+        index = torch.randint(0, 250, (b,), generator=gen, device=device)
+        t_next = ddim[index]
+        t_cur = (t_next - 4).clamp(min=0)
+        s = (t_cur.float() * (1 - 0.3 * torch.rand(b, generator=gen, device=device))).long()
+        noise = torch.randn(latents.shape, generator=gen, device=device)
+        x_next = bc(ac[t_next].sqrt()) * latents + bc((1 - ac[t_next]).sqrt()) * noise
+        cond = {"text_embeds": pooled, "time_ids": time_ids}
+        pred = f(x_next, t_next, s, student_fn(x_next, t_next, embeds, added_cond_kwargs=cond).sample)
+        with torch.no_grad():
+            both = teacher(torch.cat([x_next, x_next]), torch.cat([t_next, t_next]), torch.cat([zeros_e, embeds]),
+                           added_cond_kwargs={"text_embeds": torch.cat([zeros_p, pooled]),
+                                              "time_ids": torch.cat([time_ids, time_ids])}).sample
+            eps_u, eps_c = both.chunk(2)
+            x0_u, _ = x0_eps(x_next, t_next, eps_u)
+            x0_c, _ = x0_eps(x_next, t_next, eps_c)
+            x0 = x0_c + w * (x0_c - x0_u)
+            eps = eps_c + w * (eps_c - eps_u)
+            x_prev = bc(ac[t_cur].sqrt()) * x0 + bc((1 - ac[t_cur]).sqrt()) * eps
+            target = f(x_prev, t_cur, s, student_fn(x_prev, t_cur, embeds, added_cond_kwargs=cond).sample)
+        loss = (torch.sqrt((pred.float() - target.float()) ** 2 + c * c) - c).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 FLOP/s of jnp.dot on n x n matrices (best of ``repeats``)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dot(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def bench_train(args, results: dict) -> None:
+    from tdd_jax.models.loading import read_config
+
+    folder = Path(args.pipeline)
+    unet_config = read_config(folder / "unet")
+    text_dim = sum(read_config(folder / n)["hidden_size"] for n in ("text_encoder", "text_encoder_2"))
+    pooled_dim = read_config(folder / "text_encoder_2")["projection_dim"]
+    cfg = step_config(args)
+    batch = cached_batch(args, unet_config, text_dim, pooled_dim)
+    ours, flops = jax_train_step(args, cfg, batch)
+    torch_side = torch_train_step(args, cfg, batch)
+    name = "torch_compile" if args.torch_compile else "torch_eager"
+    times = interleave({"tdd_jax": ours, name: torch_side}, args.repeats)
+    results["train"] = {"sides": times, "ratio": times[name]["median_s"] / times["tdd_jax"]["median_s"],
+                        "xla_flops": flops}
+    if "flops" in args.parts and flops:
+        n = 512 if args.quick else 2048
+        achieved = flops / times["tdd_jax"]["median_s"]
+        peak = matmul_peak(n)
+        results["flops"] = {"xla_flops": flops, "achieved_flop_s": achieved, "matmul_peak_flop_s": peak,
+                            "matmul_n": n, "fraction_of_peak": achieved / peak}
+
+
+# --- (b) sampling -------------------------------------------------------------------------------------------
+
+def random_lora_file(args, path: Path) -> Path:
+    """A rank-``lora_rank`` UNet LoRA on the official TDD targets with random (non-zero) up weights."""
+    import numpy as np
+    from flax import nnx
+    from safetensors.numpy import save_file
+
+    from tdd_jax.models import lora_formats
+    from tdd_jax.models.loading import read_config
+    from tdd_jax.models.lora import TDD_TARGETS, matches_target
+    from tdd_jax.models.unet import UNet2DConditionModel
+
+    unet = nnx.eval_shape(lambda: UNet2DConditionModel(read_config(Path(args.pipeline) / "unet"),
+                                                       rngs=nnx.Rngs(0)))
+    rng, r, lora = np.random.default_rng(0), args.lora_rank, {}
+    for name, shape in lora_formats.layer_shapes(unet).items():
+        if matches_target(name, TDD_TARGETS):
+            up = (shape[0], r) + (1, 1) * (len(shape) == 4)
+            lora[name] = lora_formats.ModuleLoRA(0.01 * rng.standard_normal((r, *shape[1:]), np.float32),
+                                                 0.01 * rng.standard_normal(up, np.float32), 8.0 / r)
+    save_file(lora_formats.to_diffusers(lora), str(path))
+    return path
+
+
+def bench_sample(args, results: dict) -> None:
+    import torch
+    from diffusers import StableDiffusionXLPipeline, TCDScheduler
+    from diffusers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+    from tdd_jax.diffusion.sampler import SamplerSettings
+    from tdd_jax.pipeline import TDDPipeline
+
+    prompts = (PROMPTS * args.batch)[: args.batch]
+    lora = random_lora_file(args, Path(tempfile.mkdtemp()) / "lora.safetensors")
+    ours = {False: TDDPipeline.from_pretrained(args.pipeline),
+            True: TDDPipeline.from_pretrained(args.pipeline, lora=lora)}
+    device = "cuda" if args.device == "gpu" else "cpu"
+    theirs = {}
+    for with_lora in (False, True):
+        ref = StableDiffusionXLPipeline.from_pretrained(args.pipeline, add_watermarker=False).to(device)
+        ref.scheduler = TCDScheduler.from_config(ref.scheduler.config, original_inference_steps=250)
+        ref.set_progress_bar_config(disable=True)
+        if with_lora:
+            ref.load_lora_weights(str(lora))
+            ref.fuse_lora()
+        if args.torch_compile:
+            ref.unet = torch.compile(ref.unet)
+        theirs[with_lora] = ref
+    results["sample"] = []
+    for steps in map(int, args.steps.split(",")):
+        for guidance in (1.0, 1.7):
+            for with_lora in (False, True):
+                settings = SamplerSettings(num_steps=steps, gamma=0.2, guidance_scale=guidance, final_step="tcd")
+
+                def run_ours(pipe=ours[with_lora], settings=settings):
+                    pipe(prompts, settings, seeds=list(range(len(prompts))), height=args.size, width=args.size)
+
+                def run_theirs(ref=theirs[with_lora], steps=steps, guidance=guidance):
+                    gen = torch.Generator(device).manual_seed(0)
+                    ref(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, eta=0.2,
+                        height=args.size, width=args.size, generator=gen, output_type="np")
+
+                times = interleave({"tdd_jax": run_ours, "diffusers": run_theirs}, args.repeats)
+                results["sample"].append({"steps": steps, "guidance_scale": guidance, "lora": with_lora,
+                                          "sides": times,
+                                          "ratio": times["diffusers"]["median_s"] / times["tdd_jax"]["median_s"]})
+
+
+# --- report -------------------------------------------------------------------------------------------------
+
+def fmt(s: dict) -> str:
+    return f"{s['median_s']:.3f} s [{s['min_s']:.3f}-{s['max_s']:.3f}]"
+
+
+def table(results: dict) -> str:
+    """A markdown table of every comparison (ratio > 1: tdd_jax is faster)."""
+    rows = ["| benchmark | tdd_jax median [min-max] | peer median [min-max] | peer / tdd_jax |", "|---|---|---|---|"]
+    if "train" in results:
+        sides = results["train"]["sides"]
+        peer = next(k for k in sides if k != "tdd_jax")
+        rows.append(f"| train step ({peer}) | {fmt(sides['tdd_jax'])} | {fmt(sides[peer])} | "
+                    f"{results['train']['ratio']:.2f}x |")
+    for r in results.get("sample", []):
+        name = f"sample {r['steps']} steps, CFG {r['guidance_scale']}, {'LoRA' if r['lora'] else 'no LoRA'}"
+        rows.append(f"| {name} (diffusers TCD) | {fmt(r['sides']['tdd_jax'])} | {fmt(r['sides']['diffusers'])} | "
+                    f"{r['ratio']:.2f}x |")
+    lines = ["\n".join(rows)]
+    if "flops" in results:
+        f = results["flops"]
+        lines.append(f"train step XLA FLOPs {f['xla_flops']:.3e}; achieved {f['achieved_flop_s'] / 1e9:.1f} GFLOP/s "
+                     f"= {100 * f['fraction_of_peak']:.0f}% of the measured fp32 matmul peak "
+                     f"({f['matmul_peak_flop_s'] / 1e9:.1f} GFLOP/s, jnp.dot {f['matmul_n']}^2)")
+    return "\n\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    pin_threads(args)
+    import jax
+    import torch
+
+    results = {"command": " ".join(["python -m launch.benchmark", *(argv if argv is not None else sys.argv[1:])]),
+               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+               "machine": f"{platform.processor() or platform.machine()}, {args.threads} pinned cores, "
+                          f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}",
+               "pipeline": str(args.pipeline), "batch": args.batch, "size": args.size, "repeats": args.repeats,
+               "dtype": "float32"}
+    parts = args.parts.split(",")
+    if "train" in parts:
+        bench_train(args, results)
+    if "sample" in parts:
+        bench_sample(args, results)
+    print(f"{results['command']}  ({results['date_utc']} UTC; {results['machine']}; batch {args.batch}, "
+          f"{args.size}x{args.size} px, fp32, {args.repeats} interleaved repeats after a warm-up)")
+    print(table(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

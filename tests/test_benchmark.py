@@ -1,0 +1,29 @@
+"""launch/benchmark.py in its quick mode (batch 2, 16 px, 1 repeat) on the one-level tiny pipeline, so the
+side-by-side benchmark cannot rot: every part runs and reports positive times and ratios."""
+
+import json
+
+import pytest
+
+from _step_setup import save_step_pipeline
+
+
+@pytest.fixture(scope="module")
+def step_pipeline_dir(tmp_path_factory):
+    return save_step_pipeline(tmp_path_factory.mktemp("step_pipeline"))
+
+
+@pytest.mark.slow  # 552 s wall (about 2 CPU-minutes) on the shared, loaded 2-core machine: over the 60 s budget
+def test_quick_benchmark_runs_every_part(step_pipeline_dir, tmp_path, capsys):
+    from launch import benchmark
+
+    out = tmp_path / "bench.json"
+    results = benchmark.main(["--quick", "--pipeline", str(step_pipeline_dir), "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    train = results["train"]
+    assert set(train["sides"]) == {"tdd_jax", "torch_eager"} and train["ratio"] > 0 and train["xla_flops"] > 0
+    assert 0 < results["flops"]["fraction_of_peak"]
+    grid = {(r["steps"], r["guidance_scale"], r["lora"]) for r in results["sample"]}
+    assert grid == {(4, g, lora) for g in (1.0, 1.7) for lora in (False, True)}
+    assert all(r["sides"]["diffusers"]["median_s"] > 0 and r["ratio"] > 0 for r in results["sample"])
+    assert "| train step (torch_eager) |" in capsys.readouterr().out
