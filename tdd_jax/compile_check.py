@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,8 @@ def topology_devices(name: str) -> tuple[list, int | None, float | None]:
                             "pip install -e '.[aot]'") from e
     from jax.experimental import topologies
 
+    # Compiling touches no chip, so several compile checks (and tests) may hold libtpu at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     topo = TOPOLOGIES[name]
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topo.name, chip_config_name="default",
                                            chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
