@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install tdd_jax and its dependencies on a fresh machine.
-#   bash launch/install.sh          # CPU machine: CPU torch (local 2.13.0 build), project + test/convert extras
+#   bash launch/install.sh          # CPU machine: CPU torch (local 2.13.0 build), project + test/convert/aot extras
 #   bash launch/install.sh tpu      # TPU VM: jax[tpu], project + convert extras (torch from the CPU index)
 #   bash launch/install.sh gpu      # CUDA machine: jax[cuda12], project + convert extras
 # Idempotent: re-running only installs what is missing.
@@ -17,7 +17,8 @@ case "$target" in
   cpu)
     # A plain `torch` would pull several GB of CUDA wheels; 2.13.0 resolves to the CPU build here.
     "$py" -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
-    pip_install -e "$here[test]" ;;
+    # aot: libtpu (~680 MB), so the tests can compile for TPU topologies (tdd_jax.compile_check) without a TPU.
+    pip_install -e "$here[test,aot]" ;;
   tpu)
     pip_install torch --index-url https://download.pytorch.org/whl/cpu
     pip_install -e "$here[convert,tpu]" ;;

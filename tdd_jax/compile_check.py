@@ -1,0 +1,313 @@
+"""Ahead-of-time compile check: does the TDD step (and the few-step sampler) fit a TPU slice, and how fast could
+it run there? Answered on any machine, without a TPU and without weights.
+
+    python -m tdd_jax.compile_check --config=configs/tdd_sdxl.py --topology=v5e-8 \\
+        --config.batch.global_batch=8 --config.batch.grad_accum=1 [--out=compile_v5e-8.json]
+
+The frozen SDXL pipeline is built abstractly (``jax.ShapeDtypeStruct`` weights carrying their shardings; the
+architecture from the published SDXL base configs in ``tdd_jax.models``), the LoRA / optimizer state likewise,
+and both programs are lowered and compiled by the real TPU compiler for a named topology (libtpu compiles for
+``jax.experimental.topologies`` devices on a CPU-only machine; install it with ``pip install -e .[aot]``), or
+for N fake CPU devices (``--topology=cpu:8``). Printed and written as JSON: per-device argument / temp / output
+bytes against the device's HBM, XLA's FLOPs, the roofline time (FLOPs ÷ peak bf16 FLOP/s) and the implied
+images/s, with the mesh, sharding and remat settings used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
+from jax.sharding import Mesh
+from ml_collections import config_flags
+
+from tdd_jax.diffusion.sampler import SamplerSettings, sample
+from tdd_jax.diffusion.schedule import NoiseSchedule
+from tdd_jax.models.clip import SDXL_TEXT_ENCODER_2_CONFIG, SDXL_TEXT_ENCODER_CONFIG
+from tdd_jax.models.lora import attach_lora, split_lora
+from tdd_jax.models.unet import SDXL_UNET_CONFIG, UNet2DConditionModel
+from tdd_jax.models.vae import SDXL_VAE_CONFIG, AutoencoderKL
+from tdd_jax.training import sharding
+from tdd_jax.training.frozen import (ENCODERS, FrozenPipeline, guidance_mode, lora_config, min_shard_size,
+                                     model_options)
+from tdd_jax.training.step import Cond, build_train_step, compile_train_step, unet_output
+
+GiB = 2**30
+
+# stable-diffusion-xl-base-1.0: component name -> config (diffusers / transformers config.json fields).
+SDXL_CONFIGS = {"unet": SDXL_UNET_CONFIG, "vae": SDXL_VAE_CONFIG, "text_encoder": SDXL_TEXT_ENCODER_CONFIG,
+                "text_encoder_2": SDXL_TEXT_ENCODER_2_CONFIG}
+# Its scheduler/scheduler_config.json (the fields the noise schedule reads).
+SDXL_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                             beta_schedule="scaled_linear", prediction_type="epsilon")
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A TPU slice: libtpu's topology name, chip count, and the chip's published HBM and dense bf16 peak."""
+
+    name: str  # get_topology_desc topology_name, e.g. 'v5e:2x4'
+    chips: int
+    hbm_bytes: int  # per chip
+    peak_flops: float  # per chip, bf16
+
+
+# Cloud TPU's published per-chip figures (cloud.google.com/tpu/docs: v4, v5e, v5p, v6e system architecture).
+TOPOLOGIES = {
+    "v4-8": Topology("v4:2x2x1", 4, 32 * GiB, 275e12),
+    "v5e-4": Topology("v5e:2x2", 4, 16 * GiB, 197e12),
+    "v5e-8": Topology("v5e:2x4", 8, 16 * GiB, 197e12),
+    "v5e-16": Topology("v5e:4x4", 16, 16 * GiB, 197e12),
+    "v5p-8": Topology("v5p:2x2x1", 4, 95 * GiB, 459e12),
+    "v5p-32": Topology("v5p:2x2x4", 16, 95 * GiB, 459e12),
+    "v6e-8": Topology("v6e:2x4", 8, 32 * GiB, 918e12),
+}
+
+
+class MissingLibTPU(RuntimeError):
+    """libtpu (the TPU compiler) is not installed."""
+
+
+def topology_devices(name: str) -> tuple[list, int | None, float | None]:
+    """(devices, HBM bytes per device, peak FLOP/s per device) of a named topology, or ``cpu:N`` (N fake CPU
+    devices; no HBM or peak). v4 exposes each chip's two TensorCores as two devices: each gets half the chip."""
+    if name.startswith("cpu:"):
+        n = int(name.split(":", 1)[1])
+        devices = jax.devices("cpu")
+        if len(devices) < n:
+            raise ValueError(f"--topology={name}: only {len(devices)} CPU devices (start with "
+                             f"XLA_FLAGS=--xla_force_host_platform_device_count={n} or jax_num_cpu_devices={n})")
+        return devices[:n], None, None
+    if name not in TOPOLOGIES:
+        raise ValueError(f"--topology={name!r} is not one of {sorted(TOPOLOGIES)} or cpu:N")
+    try:
+        import libtpu  # noqa: F401
+    except ImportError as e:
+        raise MissingLibTPU(f"--topology={name} needs libtpu to compile for TPU on this machine: "
+                            "pip install -e '.[aot]'") from e
+    from jax.experimental import topologies
+
+    # Compiling touches no chip, so several compile checks (and tests) may hold libtpu at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    topo = TOPOLOGIES[name]
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topo.name, chip_config_name="default",
+                                           chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
+    per_chip = len(devices) // topo.chips
+    return list(devices), topo.hbm_bytes // per_chip, topo.peak_flops / per_chip
+
+
+def _with_shardings(shapes, shardings):
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def abstract_frozen(cfg, mesh: Mesh, configs: dict[str, dict], *, encoders: bool = True) -> FrozenPipeline:
+    """A ``FrozenPipeline`` whose base weights are ShapeDtypeStructs in their training shardings: what
+    ``load_frozen`` would place on ``mesh``, for compiling without weights. configs: component -> config.json
+    fields ('unet', 'vae', and the text encoders when ``encoders``)."""
+    opts, lora_cfg, min_size = model_options(cfg.model), lora_config(cfg.lora), min_shard_size(cfg)
+
+    def make_unet(key: jax.Array) -> UNet2DConditionModel:
+        unet = nnx.eval_shape(lambda: UNet2DConditionModel(configs["unet"], opts=opts, rngs=nnx.Rngs(0)))
+        attach_lora(unet, lora_cfg, nnx.Rngs(key))
+        return unet
+
+    def new_lora(key: jax.Array) -> nnx.State:
+        return split_lora(make_unet(key))[1]
+
+    def place(shapes):
+        return _with_shardings(shapes, sharding.weight_shardings(mesh, shapes, min_size))
+
+    graphdef, _, base = split_lora(nnx.eval_shape(lambda: make_unet(jax.random.key(0))))
+    graphdefs, params = {"unet": graphdef}, {"unet": place(base)}
+    for name in ENCODERS if encoders else ():
+        graphdefs[name], state = nnx.split(nnx.eval_shape(
+            lambda name=name: ENCODERS[name](configs[name], opts=opts, rngs=nnx.Rngs(0))))
+        params[name] = place(state)
+    if guidance_mode(cfg) == "official":
+        rep = sharding.replicated(mesh)
+        pooled = configs["text_encoder_2"]["projection_dim"]
+        params["empty_prompt"] = {
+            "prompt_embeds": jax.ShapeDtypeStruct((77, configs["unet"]["cross_attention_dim"]), opts.dtype,
+                                                  sharding=rep),
+            "pooled_prompt_embeds": jax.ShapeDtypeStruct((pooled,), opts.dtype, sharding=rep)}
+    vae = nnx.eval_shape(lambda: AutoencoderKL(configs["vae"], opts=opts, rngs=nnx.Rngs(0)))
+    return FrozenPipeline(mesh=mesh, graphdefs=graphdefs, params=params, new_lora=new_lora,
+                          vae_scaling_factor=vae.scaling_factor, vae_shift_factor=vae.shift_factor,
+                          min_shard_size=min_size)
+
+
+def vae_factor(configs: dict) -> int:
+    return 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+
+
+def train_batch_shapes(cfg, configs: dict, kind: str) -> dict:
+    """ShapeDtypeStructs of a global batch: 'pixels' (uint8 images + token ids, as the webdataset source
+    yields) or 'cached' (latents and text embeddings)."""
+    b, res = int(cfg.batch.global_batch), int(cfg.resolution)
+    f = jax.ShapeDtypeStruct
+    time_ids = f((b, 6), jnp.float32)
+    if kind == "pixels":
+        ids = f((b, 77), jnp.int32)
+        return {"pixels": f((b, res, res, 3), jnp.uint8), "input_ids": ids, "input_ids_2": ids,
+                "time_ids": time_ids}
+    if kind != "cached":
+        raise ValueError(f"batch kind {kind!r} is not 'pixels' or 'cached'")
+    side, unet = res // vae_factor(configs), configs["unet"]
+    return {"latents": f((b, side, side, configs["vae"]["latent_channels"]), jnp.float32),
+            "prompt_embeds": f((b, 77, unet["cross_attention_dim"]), jnp.float32),
+            "pooled_prompt_embeds": f((b, configs["text_encoder_2"]["projection_dim"]), jnp.float32),
+            "time_ids": time_ids}
+
+
+def _analysis(compiled) -> dict:
+    """Per-device memory (bytes) and XLA's FLOPs of a compiled program."""
+    mem = compiled.memory_analysis()
+    out = {name: int(getattr(mem, f"{name}_size_in_bytes", 0) or 0)
+           for name in ("argument", "output", "alias", "temp", "generated_code")}
+    out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"memory": out, "flops": float(cost["flops"]) if cost and "flops" in cost else None}
+
+
+def compile_step(cfg, frozen: FrozenPipeline, configs: dict, batch_kind: str = "pixels") -> dict:
+    """Compile the TDD train step for ``frozen``'s mesh; memory, FLOPs and compile seconds."""
+    start = time.perf_counter()
+    step = build_train_step(cfg, frozen, NoiseSchedule.from_config(SDXL_SCHEDULER_CONFIG))
+    compiled = compile_train_step(step, train_batch_shapes(cfg, configs, batch_kind))
+    return {"memory": compiled.memory, "flops": compiled.flops, "compile_s": time.perf_counter() - start,
+            "images": int(cfg.batch.global_batch)}
+
+
+def compile_sampler(cfg, frozen: FrozenPipeline, configs: dict, batch: int, settings: SamplerSettings) -> dict:
+    """Compile prompt encoding, the ``settings.num_steps``-step sampler (student: base + LoRA) and the VAE
+    decode at ``cfg.resolution`` for a global batch of ``batch`` images; memory, FLOPs and compile seconds."""
+    start = time.perf_counter()
+    mesh, schedule = frozen.mesh, NoiseSchedule.from_config(SDXL_SCHEDULER_CONFIG)
+    side = int(cfg.resolution) // vae_factor(configs)
+    latent_shape = (batch, side, side, configs["vae"]["latent_channels"])
+    lora_shapes = jax.eval_shape(frozen.new_lora, jax.random.key(0))
+    lora = _with_shardings(lora_shapes, sharding.weight_shardings(mesh, lora_shapes, frozen.min_shard_size))
+
+    def render(params, lora, input_ids, input_ids_2, time_ids, x_T, keys):
+        embeds, pooled = frozen.encode_prompts(params, input_ids, input_ids_2)
+        zero_embeds, zero_pooled = jnp.zeros_like(embeds), jnp.zeros_like(pooled)
+        unet = frozen.unet(params, lora)
+
+        def model_fn(x, t, c):
+            return unet_output(unet, x, t, Cond(*c))
+
+        latents = sample(model_fn, schedule, settings, x_T, keys, (embeds, pooled, time_ids),
+                         (zero_embeds, zero_pooled, time_ids))
+        vae = nnx.merge(frozen.graphdefs["vae"], params["vae"])
+        decoded = vae.decode(latents / frozen.vae_scaling_factor + frozen.vae_shift_factor)
+        return jnp.round(jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
+
+    data = sharding.batch_sharding(mesh)
+    f = jax.ShapeDtypeStruct
+    ids = f((batch, 77), jnp.int32, sharding=data)
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
+    args = (frozen.params, lora, ids, ids, f((batch, 6), jnp.float32, sharding=data),
+            f(latent_shape, jnp.float32, sharding=data), f(keys.shape, keys.dtype, sharding=data))
+    compiled = jax.jit(render, out_shardings=data).lower(*args).compile()
+    return {**_analysis(compiled), "compile_s": time.perf_counter() - start, "images": batch,
+            "steps": settings.num_steps, "cfg": settings.uses_cfg}
+
+
+def roofline(result: dict, hbm: int | None, peak: float | None) -> dict:
+    """Add HBM fit and roofline (compute-bound) time / images per second to a compile result (per device)."""
+    result = dict(result)
+    if hbm is not None:
+        result["hbm_bytes"] = hbm
+        result["fits"] = result["memory"]["total"] <= hbm
+    if peak is not None and result.get("flops"):
+        seconds = result["flops"] / peak
+        result["roofline_s"] = seconds
+        result["roofline_images_per_s"] = result["images"] / seconds
+    return result
+
+
+def settings_summary(cfg, mesh: Mesh) -> dict:
+    devices = mesh.devices.size
+    g, accum = int(cfg.batch.global_batch), int(cfg.batch.grad_accum)
+    return {"mesh": dict(mesh.shape), "device_kind": mesh.devices.flat[0].device_kind,
+            "global_batch": g, "grad_accum": accum, "micro_batch_per_device": g / (accum * devices),
+            "remat": str(cfg.model.remat), "dtype": str(cfg.model.dtype), "param_dtype": str(cfg.model.param_dtype),
+            "attention_impl": cfg.model.attention_impl, "lora_rank": int(cfg.lora.rank),
+            "min_shard_size": min_shard_size(cfg), "resolution": int(cfg.resolution)}
+
+
+def run(cfg, topology: str, *, configs: dict = SDXL_CONFIGS, batch_kind: str = "pixels", sampler_batch: int = 0,
+        settings: SamplerSettings = SamplerSettings(), train: bool = True) -> dict[str, Any]:
+    """The whole check for one topology: {'topology', 'settings', 'train_step', 'sampler'} (per device)."""
+    devices, hbm, peak = topology_devices(topology)
+    mesh = sharding.make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), devices=devices)
+    frozen = abstract_frozen(cfg, mesh, configs, encoders=batch_kind == "pixels" or sampler_batch > 0)
+    report: dict[str, Any] = {"topology": topology, "num_devices": len(devices),
+                              "settings": settings_summary(cfg, mesh)}
+    if train:
+        report["train_step"] = roofline(compile_step(cfg, frozen, configs, batch_kind), hbm, peak)
+    if sampler_batch:
+        report["sampler"] = roofline(compile_sampler(cfg, frozen, configs, sampler_batch, settings), hbm, peak)
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{report['topology']}: {report['num_devices']} x {report['settings']['device_kind']}, "
+             f"settings {json.dumps(report['settings'])}"]
+    for part in ("train_step", "sampler"):
+        if part not in report:
+            continue
+        r, m = report[part], report[part]["memory"]
+        hbm = f" of {r['hbm_bytes'] / GiB:.1f} GiB HBM ({'fits' if r['fits'] else 'DOES NOT FIT'})" \
+            if "hbm_bytes" in r else ""
+        speed = (f", roofline {r['roofline_s'] * 1e3:.0f} ms = {r['roofline_images_per_s']:.2f} images/s" if "roofline_s" in r else "")
+        flops = "n/a" if r["flops"] is None else f"{r['flops']:.3e}"
+        lines.append(f"  {part}: {r['images']} images; per device: args {m['argument'] / GiB:.2f} GiB, temp "
+                     f"{m['temp'] / GiB:.2f} GiB, out {m['output'] / GiB:.2f} GiB, total {m['total'] / GiB:.2f} "
+                     f"GiB{hbm}; XLA FLOPs {flops}{speed}; compiled in {r['compile_s']:.0f} s")
+    return "\n".join(lines)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Trainer config file (configs/*.py).")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5e-8", f"One of {sorted(TOPOLOGIES)}, or cpu:N (fake CPU devices).")
+_BATCH_KIND = flags.DEFINE_enum("batch_kind", "pixels", ["pixels", "cached"],
+                                "Train on pixel/caption batches (VAE + text encoders in the step) or cached ones.")
+_TRAIN = flags.DEFINE_boolean("train", True, "Compile the train step.")
+_SAMPLER_BATCH = flags.DEFINE_integer("sampler_batch", 0, "Global sampler batch to compile (0: skip the sampler).")
+_SAMPLER_STEPS = flags.DEFINE_integer("sampler_steps", 4, "Sampler steps.")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", 1.7, "Sampler CFG scale (1: no CFG, one UNet call a step).")
+_OUT = flags.DEFINE_string("out", "", "Write the report as JSON here.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cfg = _CONFIG.value
+    topology = _TOPOLOGY.value
+    if topology.startswith("cpu:"):
+        jax.config.update("jax_num_cpu_devices", int(topology.split(":", 1)[1]))
+    settings = SamplerSettings(num_steps=_SAMPLER_STEPS.value, guidance_scale=_GUIDANCE.value)
+    try:
+        report = run(cfg, topology, batch_kind=_BATCH_KIND.value, sampler_batch=_SAMPLER_BATCH.value,
+                     settings=settings, train=_TRAIN.value)
+    except MissingLibTPU as e:
+        raise app.UsageError(str(e)) from e
+    report["command_date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    print(format_report(report))
+    if _OUT.value:
+        Path(_OUT.value).write_text(json.dumps(report, indent=2))
+        print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

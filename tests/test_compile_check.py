@@ -1,0 +1,61 @@
+"""Ahead-of-time compilation for a TPU topology on this CPU machine (libtpu, the `aot` extra): the TDD step of a
+small SDXL-shaped model compiles for 4 TPU v5e chips, and FSDP over the chips divides the weights' memory."""
+
+import builtins
+
+import pytest
+from _step_setup import one_level_unet_config, step_config
+from tiny_pipeline import tiny_clip_configs, tiny_vae_config
+
+from tdd_jax import compile_check
+
+try:
+    import libtpu  # noqa: F401
+    HAVE_LIBTPU = True
+except ImportError:
+    HAVE_LIBTPU = False
+
+needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu not installed (pip install -e '.[aot]')")
+
+
+def _configs() -> dict:
+    first, second = tiny_clip_configs()
+    return {"unet": one_level_unet_config(), "vae": tiny_vae_config(), "text_encoder": first,
+            "text_encoder_2": second}
+
+
+def _check(data: int, fsdp: int) -> dict:
+    cfg = step_config(**{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.min_shard_size": 1024})
+    cfg.resolution = 16
+    return compile_check.run(cfg, "v5e-4", configs=_configs(), batch_kind="cached")
+
+
+@needs_libtpu
+def test_tpu_step_compiles_and_fsdp_splits_the_weights():
+    replicated, split = _check(4, 1), _check(1, 4)
+    for report in (replicated, split):
+        assert report["num_devices"] == 4 and report["settings"]["device_kind"] == "TPU v5 lite"
+        step = report["train_step"]
+        assert step["fits"] and step["hbm_bytes"] == 16 * 2**30
+        assert step["flops"] > 0 and step["roofline_images_per_s"] > 0
+    # Base weights, LoRA and Adam moments are the arguments: 4-way FSDP holds a quarter of the large ones.
+    args = [r["train_step"]["memory"]["argument"] for r in (replicated, split)]
+    assert args[1] < 0.5 * args[0], args
+
+
+def test_missing_libtpu_names_the_extra(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_libtpu(name, *args, **kwargs):
+        if name == "libtpu":
+            raise ImportError("No module named 'libtpu'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_libtpu)
+    with pytest.raises(compile_check.MissingLibTPU, match=r"\.\[aot\]"):
+        compile_check.topology_devices("v5e-8")
+
+
+def test_unknown_topology_lists_the_known_ones():
+    with pytest.raises(ValueError, match="v5p-8"):
+        compile_check.topology_devices("v9-8")
