@@ -29,16 +29,17 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from tdd_jax.diffusion.sampler import SamplerSettings, sample
+from tdd_jax.conditioning import Cond
+from tdd_jax.diffusion.sampler import SamplerSettings
 from tdd_jax.diffusion.schedule import NoiseSchedule
 from tdd_jax.models.clip import SDXL_TEXT_ENCODER_2_CONFIG, SDXL_TEXT_ENCODER_CONFIG
-from tdd_jax.models.lora import attach_lora, split_lora
-from tdd_jax.models.unet import SDXL_UNET_CONFIG, UNet2DConditionModel
+from tdd_jax.models.unet import SDXL_UNET_CONFIG
 from tdd_jax.models.vae import SDXL_VAE_CONFIG, AutoencoderKL
+from tdd_jax.render import render
 from tdd_jax.training import sharding
-from tdd_jax.training.frozen import (ENCODERS, FrozenPipeline, guidance_mode, lora_config, min_shard_size,
-                                     model_options)
-from tdd_jax.training.step import Cond, build_train_step, compile_train_step, unet_output
+from tdd_jax.training.frozen import (ENCODERS, FrozenPipeline, lora_config, min_shard_size, model_options,
+                                     unet_definitions)
+from tdd_jax.training.step import build_train_step, compile_train_step
 
 GiB = 2**30
 
@@ -112,26 +113,18 @@ def abstract_frozen(cfg, mesh: Mesh, configs: dict[str, dict], *, encoders: bool
     """A ``FrozenPipeline`` whose base weights are ShapeDtypeStructs in their training shardings: what
     ``load_frozen`` would place on ``mesh``, for compiling without weights. configs: component -> config.json
     fields ('unet', 'vae', and the text encoders when ``encoders``)."""
-    opts, lora_cfg, min_size = model_options(cfg.model), lora_config(cfg.lora), min_shard_size(cfg)
-
-    def make_unet(key: jax.Array) -> UNet2DConditionModel:
-        unet = nnx.eval_shape(lambda: UNet2DConditionModel(configs["unet"], opts=opts, rngs=nnx.Rngs(0)))
-        attach_lora(unet, lora_cfg, nnx.Rngs(key))
-        return unet
-
-    def new_lora(key: jax.Array) -> nnx.State:
-        return split_lora(make_unet(key))[1]
+    opts, min_size = model_options(cfg.model), min_shard_size(cfg)
 
     def place(shapes):
         return _with_shardings(shapes, sharding.weight_shardings(mesh, shapes, min_size))
 
-    graphdef, _, base = split_lora(nnx.eval_shape(lambda: make_unet(jax.random.key(0))))
-    graphdefs, params = {"unet": graphdef}, {"unet": place(base)}
+    graphdefs, base, new_lora = unet_definitions(configs["unet"], opts, lora_config(cfg.lora))
+    params = {"unet": place(base)}
     for name in ENCODERS if encoders else ():
         graphdefs[name], state = nnx.split(nnx.eval_shape(
             lambda name=name: ENCODERS[name](configs[name], opts=opts, rngs=nnx.Rngs(0))))
         params[name] = place(state)
-    if guidance_mode(cfg) == "official":
+    if cfg.guidance.mode == "official":
         rep = sharding.replicated(mesh)
         pooled = configs["text_encoder_2"]["projection_dim"]
         params["empty_prompt"] = {
@@ -188,36 +181,25 @@ def compile_step(cfg, frozen: FrozenPipeline, configs: dict, batch_kind: str = "
 
 
 def compile_sampler(cfg, frozen: FrozenPipeline, configs: dict, batch: int, settings: SamplerSettings) -> dict:
-    """Compile prompt encoding, the ``settings.num_steps``-step sampler (student: base + LoRA) and the VAE
-    decode at ``cfg.resolution`` for a global batch of ``batch`` images; memory, FLOPs and compile seconds."""
+    """Compile prompt encoding, the ``settings.num_steps``-step sampler and the VAE decode at ``cfg.resolution``
+    for a global batch of ``batch`` images (``render.render``, as ``TDDPipeline`` runs it: a LoRA is merged into
+    the base weights, so the program is the LoRA-free UNet's); memory, FLOPs and compile seconds."""
     start = time.perf_counter()
     mesh, schedule = frozen.mesh, NoiseSchedule.from_config(SDXL_SCHEDULER_CONFIG)
     side = int(cfg.resolution) // vae_factor(configs)
-    latent_shape = (batch, side, side, configs["vae"]["latent_channels"])
-    lora_shapes = jax.eval_shape(frozen.new_lora, jax.random.key(0))
-    lora = _with_shardings(lora_shapes, sharding.weight_shardings(mesh, lora_shapes, frozen.min_shard_size))
+    latent_shape = (side, side, configs["vae"]["latent_channels"])
 
-    def render(params, lora, input_ids, input_ids_2, time_ids, x_T, keys):
+    def render_batch(params, input_ids, input_ids_2, time_ids, seeds):
         embeds, pooled = frozen.encode_prompts(params, input_ids, input_ids_2)
-        zero_embeds, zero_pooled = jnp.zeros_like(embeds), jnp.zeros_like(pooled)
-        unet = frozen.unet(params, lora)
-
-        def model_fn(x, t, c):
-            return unet_output(unet, x, t, Cond(*c))
-
-        latents = sample(model_fn, schedule, settings, x_T, keys, (embeds, pooled, time_ids),
-                         (zero_embeds, zero_pooled, time_ids))
         vae = nnx.merge(frozen.graphdefs["vae"], params["vae"])
-        decoded = vae.decode(latents / frozen.vae_scaling_factor + frozen.vae_shift_factor)
-        return jnp.round(jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
+        return render(frozen.teacher(params), vae, schedule, settings, seeds, latent_shape,
+                      Cond(embeds, pooled, time_ids))
 
     data = sharding.batch_sharding(mesh)
     f = jax.ShapeDtypeStruct
     ids = f((batch, 77), jnp.int32, sharding=data)
-    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
-    args = (frozen.params, lora, ids, ids, f((batch, 6), jnp.float32, sharding=data),
-            f(latent_shape, jnp.float32, sharding=data), f(keys.shape, keys.dtype, sharding=data))
-    compiled = jax.jit(render, out_shardings=data).lower(*args).compile()
+    args = (frozen.params, ids, ids, f((batch, 6), jnp.float32, sharding=data), f((batch,), jnp.uint32, sharding=data))
+    compiled = jax.jit(render_batch, out_shardings=data).lower(*args).compile()
     return {**_analysis(compiled), "compile_s": time.perf_counter() - start, "images": batch,
             "steps": settings.num_steps, "cfg": settings.uses_cfg}
 
