@@ -38,9 +38,11 @@ def test_tpu_step_compiles_and_fsdp_splits_the_weights():
         step = report["train_step"]
         assert step["fits"] and step["hbm_bytes"] == 16 * 2**30
         assert step["flops"] > 0 and step["roofline_images_per_s"] > 0
-    # Base weights, LoRA and Adam moments are the arguments: 4-way FSDP holds a quarter of the large ones.
+    # Base weights, LoRA and Adam moments are the arguments: 4-way FSDP holds a quarter of the arrays of at least
+    # min_shard_size elements; this tiny model's many small ones (norms, biases) stay replicated. Measured:
+    # 4,087,296 -> 2,366,976 bytes per chip.
     args = [r["train_step"]["memory"]["argument"] for r in (replicated, split)]
-    assert args[1] < 0.5 * args[0], args
+    assert args[1] < 0.7 * args[0], args
 
 
 def test_missing_libtpu_names_the_extra(monkeypatch):
