@@ -39,7 +39,7 @@ from tdd_jax.render import render
 from tdd_jax.training import sharding
 from tdd_jax.training.frozen import (ENCODERS, FrozenPipeline, lora_config, min_shard_size, model_options,
                                      unet_definitions)
-from tdd_jax.training.step import build_train_step, compile_train_step
+from tdd_jax.training.step import build_train_step, compile_train_step, compiled_analysis
 
 GiB = 2**30
 
@@ -160,17 +160,6 @@ def train_batch_shapes(cfg, configs: dict, kind: str) -> dict:
             "time_ids": time_ids}
 
 
-def _analysis(compiled) -> dict:
-    """Per-device memory (bytes) and XLA's FLOPs of a compiled program."""
-    mem = compiled.memory_analysis()
-    out = {name: int(getattr(mem, f"{name}_size_in_bytes", 0) or 0)
-           for name in ("argument", "output", "alias", "temp", "generated_code")}
-    out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return {"memory": out, "flops": float(cost["flops"]) if cost and "flops" in cost else None}
-
-
 def compile_step(cfg, frozen: FrozenPipeline, configs: dict, batch_kind: str = "pixels") -> dict:
     """Compile the TDD train step for ``frozen``'s mesh; memory, FLOPs and compile seconds."""
     start = time.perf_counter()
@@ -200,7 +189,7 @@ def compile_sampler(cfg, frozen: FrozenPipeline, configs: dict, batch: int, sett
     ids = f((batch, 77), jnp.int32, sharding=data)
     args = (frozen.params, ids, ids, f((batch, 6), jnp.float32, sharding=data), f((batch,), jnp.uint32, sharding=data))
     compiled = jax.jit(render_batch, out_shardings=data).lower(*args).compile()
-    return {**_analysis(compiled), "compile_s": time.perf_counter() - start, "images": batch,
+    return {**compiled_analysis(compiled), "compile_s": time.perf_counter() - start, "images": batch,
             "steps": settings.num_steps, "cfg": settings.uses_cfg}
 
 

@@ -296,13 +296,9 @@ def build_train_step(cfg, frozen: FrozenPipeline, schedule: NoiseSchedule) -> Tr
                      rule=TargetRule.from_config(cfg, schedule.num_train_timesteps), tx=tx, lr_schedule=lr)
 
 
-def compile_train_step(step: TrainStep, batch_shapes: dict) -> CompiledStep:
-    """Lower and compile ``step.train_step`` ahead of time for global batches shaped like ``batch_shapes``
-    (arrays or ShapeDtypeStructs), and read XLA's memory and cost analyses for logging."""
-    mesh = step.frozen.mesh
-    batch_shapes = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=sharding.batch_sharding(mesh))
-                    for k, v in select_batch(batch_shapes).items()}
-    compiled = step.train_step.lower(step.abstract_state(), step.frozen.params, batch_shapes).compile()
+def compiled_analysis(compiled) -> dict:
+    """{'memory': per-device bytes (argument, output, alias, temp, generated_code, total), 'flops': XLA's FLOPs
+    or None} of a compiled program."""
     mem = compiled.memory_analysis()
     memory = {name: int(getattr(mem, f"{name}_size_in_bytes", 0) or 0)
               for name in ("argument", "output", "alias", "temp", "generated_code")}
@@ -310,4 +306,14 @@ def compile_train_step(step: TrainStep, batch_shapes: dict) -> CompiledStep:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = cost.get("flops") if cost else None
-    return CompiledStep(fn=compiled, memory=memory, flops=None if flops is None else float(flops))
+    return {"memory": memory, "flops": None if flops is None else float(flops)}
+
+
+def compile_train_step(step: TrainStep, batch_shapes: dict) -> CompiledStep:
+    """Lower and compile ``step.train_step`` ahead of time for global batches shaped like ``batch_shapes``
+    (arrays or ShapeDtypeStructs), and read XLA's memory and cost analyses for logging."""
+    mesh = step.frozen.mesh
+    batch_shapes = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=sharding.batch_sharding(mesh))
+                    for k, v in select_batch(batch_shapes).items()}
+    compiled = step.train_step.lower(step.abstract_state(), step.frozen.params, batch_shapes).compile()
+    return CompiledStep(fn=compiled, **compiled_analysis(compiled))
