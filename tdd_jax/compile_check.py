@@ -2,7 +2,7 @@
 it run there? Answered on any machine, without a TPU and without weights.
 
     python -m tdd_jax.compile_check --config=configs/tdd_sdxl.py --topology=v5e-8 \\
-        --config.batch.global_batch=8 --config.batch.grad_accum=1 [--out=compile_v5e-8.json]
+        --config.batch.global_batch=8 --config.batch.grad_accum=1 [--json=compile_v5e-8.json]
 
 The frozen SDXL pipeline is built abstractly (``jax.ShapeDtypeStruct`` weights carrying their shardings; the
 architecture from the published SDXL base configs in ``tdd_jax.models``), the LoRA / optimizer state likewise,
@@ -255,8 +255,8 @@ _BATCH_KIND = flags.DEFINE_enum("batch_kind", "pixels", ["pixels", "cached"],
 _TRAIN = flags.DEFINE_boolean("train", True, "Compile the train step.")
 _SAMPLER_BATCH = flags.DEFINE_integer("sampler_batch", 0, "Global sampler batch to compile (0: skip the sampler).")
 _SAMPLER_STEPS = flags.DEFINE_integer("sampler_steps", 4, "Sampler steps.")
-_GUIDANCE = flags.DEFINE_float("guidance_scale", 1.7, "Sampler CFG scale (1: no CFG, one UNet call a step).")
-_OUT = flags.DEFINE_string("out", "", "Write the report as JSON here.")
+_GUIDANCE = flags.DEFINE_float("sampler_guidance_scale", 1.7, "Sampler CFG scale (1: no CFG).")
+_OUT = flags.DEFINE_string("json", "", "Write the report as JSON here.")
 
 
 def main(argv):
