@@ -41,11 +41,18 @@ class NonFiniteError(FloatingPointError):
 
 
 def non_finite_leaves(tree) -> list[str]:
-    """Paths of the floating-point leaves of ``tree`` that hold a NaN or Inf (checked on device, one fetch)."""
-    leaves = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)
-              if jnp.issubdtype(getattr(x, "dtype", np.int32), jnp.inexact)]
-    finite = jax.device_get([jnp.isfinite(x).all() for _, x in leaves])
-    return [name for (name, _), ok in zip(leaves, finite) if not ok]
+    """Paths of the floating-point leaves of ``tree`` that hold a NaN or Inf in this process's shards.
+
+    Checked on the host, shard by shard: a device reduction over a sharded array is a collective, which can
+    deadlock against the step still running on the same devices (XLA CPU's in-process all-reduce did)."""
+    bad = []
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        if not jnp.issubdtype(getattr(x, "dtype", np.int32), jnp.inexact):
+            continue
+        shards = [s.data for s in x.addressable_shards] if isinstance(x, jax.Array) else [x]
+        if not all(np.isfinite(np.asarray(shard)).all() for shard in shards):
+            bad.append(jax.tree_util.keystr(path))
+    return bad
 
 
 def as_path(path: str | os.PathLike) -> epath.Path:
