@@ -39,7 +39,7 @@ from tdd_jax.render import render
 from tdd_jax.training import sharding
 from tdd_jax.training.frozen import (ENCODERS, FrozenPipeline, lora_config, min_shard_size, model_options,
                                      unet_definitions)
-from tdd_jax.training.step import build_train_step, compile_train_step, compiled_analysis
+from tdd_jax.training.step import batch_spec, build_train_step, compile_train_step, compiled_analysis, vae_factor
 
 GiB = 2**30
 
@@ -137,34 +137,11 @@ def abstract_frozen(cfg, mesh: Mesh, configs: dict[str, dict], *, encoders: bool
                           min_shard_size=min_size)
 
 
-def vae_factor(configs: dict) -> int:
-    return 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
-
-
-def train_batch_shapes(cfg, configs: dict, kind: str) -> dict:
-    """ShapeDtypeStructs of a global batch: 'pixels' (uint8 images + token ids, as the webdataset source
-    yields) or 'cached' (latents and text embeddings)."""
-    b, res = int(cfg.batch.global_batch), int(cfg.resolution)
-    f = jax.ShapeDtypeStruct
-    time_ids = f((b, 6), jnp.float32)
-    if kind == "pixels":
-        ids = f((b, 77), jnp.int32)
-        return {"pixels": f((b, res, res, 3), jnp.uint8), "input_ids": ids, "input_ids_2": ids,
-                "time_ids": time_ids}
-    if kind != "cached":
-        raise ValueError(f"batch kind {kind!r} is not 'pixels' or 'cached'")
-    side, unet = res // vae_factor(configs), configs["unet"]
-    return {"latents": f((b, side, side, configs["vae"]["latent_channels"]), jnp.float32),
-            "prompt_embeds": f((b, 77, unet["cross_attention_dim"]), jnp.float32),
-            "pooled_prompt_embeds": f((b, configs["text_encoder_2"]["projection_dim"]), jnp.float32),
-            "time_ids": time_ids}
-
-
 def compile_step(cfg, frozen: FrozenPipeline, configs: dict, batch_kind: str = "pixels") -> dict:
     """Compile the TDD train step for ``frozen``'s mesh; memory, FLOPs and compile seconds."""
     start = time.perf_counter()
     step = build_train_step(cfg, frozen, NoiseSchedule.from_config(SDXL_SCHEDULER_CONFIG))
-    compiled = compile_train_step(step, train_batch_shapes(cfg, configs, batch_kind))
+    compiled = compile_train_step(step, batch_spec(cfg, configs, batch_kind))
     return {"memory": compiled.memory, "flops": compiled.flops, "compile_s": time.perf_counter() - start,
             "images": int(cfg.batch.global_batch)}
 
@@ -175,7 +152,7 @@ def compile_sampler(cfg, frozen: FrozenPipeline, configs: dict, batch: int, sett
     the base weights, so the program is the LoRA-free UNet's); memory, FLOPs and compile seconds."""
     start = time.perf_counter()
     mesh, schedule = frozen.mesh, NoiseSchedule.from_config(SDXL_SCHEDULER_CONFIG)
-    side = int(cfg.resolution) // vae_factor(configs)
+    side = int(cfg.resolution) // vae_factor(configs["vae"])
     latent_shape = (side, side, configs["vae"]["latent_channels"])
 
     def render_batch(params, input_ids, input_ids_2, time_ids, seeds):

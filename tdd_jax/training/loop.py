@@ -1,7 +1,8 @@
 """The training loop around the compiled step: data in, checkpoints and metrics out, preemption-safe.
 
 Order of start-up is chosen so that mistakes cost little: the config is validated, the pipeline loaded and an
-existing checkpoint restored (an unreadable one is an error) before the step is compiled. The loop then never
+existing checkpoint restored (an unreadable one is an error) before the step is compiled, from the config's
+shapes while the data pipeline starts. The loop then never
 waits on the device except to log: per-step metrics stay on device and are fetched every ``log_every`` steps,
 then written for every step (scalars) and for the interval (per-sample histograms, e.g. the sampled target
 timesteps). SIGTERM (TPU preemption, ``kill``) lets the step in flight finish, saves, and returns normally; on
@@ -24,12 +25,18 @@ from jax.experimental import multihost_utils
 from tdd_jax import conditioning
 from tdd_jax.data.loader import make_train_iterator
 from tdd_jax.diffusion.schedule import NoiseSchedule
+from tdd_jax.models.loading import read_config
 from tdd_jax.training import sharding
 from tdd_jax.training.checkpointing import Checkpointer, as_path, check_compatible, checkpoint_dir, lora_metadata
 from tdd_jax.training.config import flatten, validate
 from tdd_jax.training.frozen import load_frozen
-from tdd_jax.training.step import build_train_step, compile_train_step, select_batch
+from tdd_jax.training.step import (batch_kind, batch_spec, build_train_step, check_batch, compile_train_step,
+                                   select_batch)
 from tdd_jax.training.validation import COMPARISON, Validator, grid_path, save_png
+
+
+# The component configs that fix the shapes of a training batch (see ``step.batch_spec``).
+SPEC_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 class PreemptionWatch:
@@ -153,8 +160,10 @@ def _run(cfg, workdir: epath.Path, watch: PreemptionWatch, writer, checkpoints: 
     if is_chief and step == 0:
         writer.write_hparams({k: str(v) for k, v in flatten(cfg).items()})
 
-    batch = _device_batch(mesh, next(data))
-    compiled = compile_train_step(step_fns, batch)
+    # Compiled from the config's shapes while the data pipeline fills its first batches.
+    spec = batch_spec(cfg, {name: read_config(os.path.join(cfg.pipeline_dir, name)) for name in SPEC_COMPONENTS},
+                      batch_kind(cfg))
+    compiled = compile_train_step(step_fns, spec)
     mib = {k: f"{v / 2**20:.1f} MiB" for k, v in compiled.memory.items()}
     logging.info("Compiled train step, per device: %s; FLOPs per step: %s.", mib,
                  "n/a" if compiled.flops is None else f"{compiled.flops:.4g}")
@@ -169,8 +178,12 @@ def _run(cfg, workdir: epath.Path, watch: PreemptionWatch, writer, checkpoints: 
     history: list[tuple[int, dict]] = []
     guard = NonFiniteGuard(cfg.max_nonfinite_steps)
     previous = None
+    batch = select_batch(next(data))
+    check_batch(batch, spec)
+    batch = _device_batch(mesh, batch)
     while True:
-        state, metrics = compiled.fn(state, frozen.params, batch)
+        with jax.transfer_guard("disallow"):  # every input is already on device: an implicit copy is a bug
+            state, metrics = compiled.fn(state, frozen.params, batch)
         if previous is not None:  # run at most one step ahead: bounds the batches queued on device
             guard(*previous)
         step += 1

@@ -89,6 +89,49 @@ def select_batch(batch: dict) -> dict:
                      f"or of {CACHED_FIELDS} (cached latents and embeddings)")
 
 
+def vae_factor(vae_config: dict) -> int:
+    """How much the VAE shrinks each image side (2 per level after the first)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def batch_kind(cfg) -> str:
+    """'cached' (latents and embeddings) for ``data.source='cache'``, else 'pixels' (images and token ids)."""
+    return "cached" if cfg.data.source == "cache" else "pixels"
+
+
+def batch_spec(cfg, configs: dict, kind: str) -> dict:
+    """ShapeDtypeStructs of the global batch the step consumes, from the config and the pipeline's component
+    configs (``configs[name]`` = its config.json), so the step can be compiled before any data arrives:
+    'pixels' (uint8 images + both tokenizers' ids) or 'cached' (latents and text embeddings)."""
+    b, res = int(cfg.batch.global_batch), int(cfg.resolution)
+    f = jax.ShapeDtypeStruct
+    time_ids = f((b, 6), jnp.float32)
+    if kind == "pixels":
+        ids = f((b, int(configs["text_encoder"]["max_position_embeddings"])), jnp.int32)
+        return {"pixels": f((b, res, res, 3), jnp.uint8), "input_ids": ids, "input_ids_2": ids,
+                "time_ids": time_ids}
+    if kind != "cached":
+        raise ValueError(f"batch kind {kind!r} is not 'pixels' or 'cached'")
+    side, unet = res // vae_factor(configs["vae"]), configs["unet"]
+    return {"latents": f((b, side, side, configs["vae"]["latent_channels"]), jnp.float32),
+            "prompt_embeds": f((b, int(configs["text_encoder"]["max_position_embeddings"]),
+                                unet["cross_attention_dim"]), jnp.float32),
+            "pooled_prompt_embeds": f((b, configs["text_encoder_2"]["projection_dim"]), jnp.float32),
+            "time_ids": time_ids}
+
+
+def check_batch(batch: dict, spec: dict) -> None:
+    """A clear error when the data pipeline's global batch is not what the step was compiled for."""
+    wrong = [f"{k}: {tuple(np.shape(batch[k]))} {batch[k].dtype} (expected {v.shape} {v.dtype})"
+             for k, v in spec.items()
+             if k in batch and (tuple(np.shape(batch[k])), batch[k].dtype) != (v.shape, v.dtype)]
+    missing = sorted(set(spec) - set(batch))
+    if wrong or missing:
+        raise ValueError("the data pipeline's batch does not match the compiled step (batch.global_batch, "
+                         f"resolution, data.source): {'; '.join(wrong)}"
+                         + (f"; missing fields {missing}" if missing else ""))
+
+
 class CompiledStep(NamedTuple):
     """An ahead-of-time compiled step with what the loop logs at start-up (per-device numbers)."""
 
