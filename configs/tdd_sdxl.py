@@ -87,6 +87,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.data.resolution = cfg.get_ref("resolution")
     cfg.data.batch_size = cfg.batch.get_ref("global_batch")
     cfg.data.seed = cfg.get_ref("seed")
+    # The official run's --use_fix_crop_and_size: time_ids (1024, 1024, 0, 0, 1024, 1024) for every image. False
+    # gives each image its real original size and crop (SDXL's own micro-conditioning).
+    cfg.data.fixed_time_ids = True
 
     cfg.checkpoint = ml_collections.ConfigDict()
     cfg.checkpoint.every = 1000

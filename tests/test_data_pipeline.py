@@ -122,6 +122,21 @@ def test_batch_layout_and_tokenize(tmp_path):
     assert batch["input_ids_2"].shape == (4, 77)
 
 
+
+def test_fixed_time_ids_replace_the_real_size_and_crop(tmp_path):
+    """data.fixed_time_ids (the official run's --use_fix_crop_and_size): the same images and crops, but every
+    example claims an uncropped R x R original; off, the 40x30 originals' real geometry is kept."""
+    cfg = _config("webdataset", _webdataset(tmp_path, 2, 3), random_flip=True)
+    real = _take(make_train_iterator(cfg, process_index=0, process_count=1), 2)
+    cfg.fixed_time_ids = True
+    fixed = _take(make_train_iterator(cfg, process_index=0, process_count=1), 2)
+    for r, f in zip(real, fixed):
+        np.testing.assert_array_equal(r["pixels"], f["pixels"])
+        np.testing.assert_array_equal(r["keys"], f["keys"])
+        np.testing.assert_array_equal(r["time_ids"][:, [0, 1, 4, 5]], [[30, 40, 16, 16]] * 4)
+        np.testing.assert_array_equal(f["time_ids"], [[16, 16, 0, 0, 16, 16]] * 4)
+        assert f["time_ids"].dtype == np.float32
+
 @pytest.mark.parametrize("source", ["folder", "webdataset"])
 def test_processes_read_disjoint_shards_covering_the_data(tmp_path, source):
     path = _folder(tmp_path, 11) if source == "folder" else _webdataset(tmp_path, 4, 3)
@@ -338,6 +353,10 @@ def test_cache_round_trip_sharding_and_resume(tmp_path):
     one = _one_epoch_keys(_config("cache", cache_dir, num_epochs=1, drop_remainder=False), 0, 2)
     two = _one_epoch_keys(_config("cache", cache_dir, num_epochs=1, drop_remainder=False), 1, 2)
     assert not set(one) & set(two) and set(one) | set(two) == expected.keys()
+
+    fixed = next(make_train_iterator(_config("cache", cache_dir, batch_size=4, fixed_time_ids=True),
+                                     process_index=0, process_count=1))  # applied to cached examples too
+    np.testing.assert_array_equal(fixed["time_ids"], [[16, 16, 0, 0, 16, 16]] * 4)
 
     straight = _take(make_train_iterator(cfg, process_index=0, process_count=1), 6)
     first = make_train_iterator(cfg, process_index=0, process_count=1)

@@ -28,6 +28,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.center_crop = False  # False = uniform random crop.
     c.random_flip = False
     c.interpolation = "bilinear"  # 'bilinear' | 'bicubic' | 'lanczos' | 'area' (all antialiased).
+    # SDXL micro-conditioning: False = time_ids describe each image's real size and crop (SDXL's own training,
+    # diffusers' train_text_to_image_sdxl.py); True = fixed (R, R, 0, 0, R, R) for every image, as the official TDD
+    # run (--use_fix_crop_and_size); applied at load time, to cached examples too.
+    c.fixed_time_ids = False
     c.min_image_size = 0  # Images whose shorter side is below this are skipped (and counted).
     # Batching and order (all sources).
     c.batch_size = 16  # Global examples per step; each process yields its batch_size // process_count of them.

@@ -24,6 +24,7 @@ depend on the process count. A finite pass (``num_epochs`` set, e.g. for caching
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import grain
@@ -34,7 +35,7 @@ from absl import logging
 from tdd_jax.data.cache import CacheSource
 from tdd_jax.data.config import resolve_process, validate_data_config
 from tdd_jax.data.emoji import EmojiSource, build_emoji_dataset
-from tdd_jax.data.preprocess import SKIP_REASONS, SDXLPreprocessor
+from tdd_jax.data.preprocess import SKIP_REASONS, SDXLPreprocessor, fixed_time_ids
 from tdd_jax.data.sources import ImageFolderSource, WebDatasetSource, list_shards
 
 Tokenize = Callable[[Sequence[str]], Mapping[str, np.ndarray]]
@@ -238,6 +239,8 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, *, tokenize: Tokenize | 
                                       cfg.min_image_size)
         augment_seed = int(np.random.SeedSequence([cfg.seed]).generate_state(1)[0])
         dataset = dataset.random_map(preprocess, seed=augment_seed)
+    if cfg.fixed_time_ids:
+        dataset = dataset.map(functools.partial(fixed_time_ids, resolution=cfg.resolution))
     dataset = ProcessSlice(dataset, cfg.batch_size, process_index, process_count)
     if len(dataset) == 0:
         raise ValueError(f"data.path={cfg.path!r} ({cfg.source}) leaves no examples for process "

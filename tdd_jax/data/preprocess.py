@@ -74,6 +74,14 @@ def decode_image(data: bytes | np.ndarray) -> Image.Image:
     return image.convert("RGB")
 
 
+def fixed_time_ids(record: dict, resolution: int) -> dict:
+    """The official TDD run's ``--use_fix_crop_and_size``: the record claims (R, R, 0, 0, R, R), an uncropped
+    R x R original, whatever its real size and crop were."""
+    if "skip" in record:
+        return record
+    return {**record, "time_ids": np.array([resolution, resolution, 0, 0, resolution, resolution], np.float32)}
+
+
 @dataclasses.dataclass(frozen=True)
 class SDXLPreprocessor:
     """Raw record ``{"key", "image", "caption"}`` -> ``{"key", "pixels" uint8 (R,R,3), "time_ids" (6,), "caption"}``.
