@@ -101,15 +101,13 @@ def test_loader_batch_matches_the_compiled_step_spec(data_dir, tiny_pipeline_dir
     """The trainer compiles its step from ``step.batch_spec`` before any data arrives: the loader's real batch
     must match it, and a batch of another size is refused naming the field."""
     from configs.tdd_tiny import get_config
-    from tdd_jax import conditioning
     from tdd_jax.models.loading import read_config
-    from tdd_jax.training.loop import SPEC_COMPONENTS
+    from tdd_jax.training.loop import SPEC_COMPONENTS, tokenizer_fn
     from tdd_jax.training.step import batch_kind, batch_spec, check_batch, select_batch
 
     cfg = get_config("tdd")
     cfg.data.path = data_dir
-    tok1, tok2 = conditioning.load_tokenizers(tiny_pipeline_dir)
-    tokenize = lambda c: {"input_ids": conditioning.tokenize(tok1, c), "input_ids_2": conditioning.tokenize(tok2, c)}
+    tokenize = tokenizer_fn(tiny_pipeline_dir)
     batch = select_batch(next(make_train_iterator(cfg.data, tokenize=tokenize, process_index=0, process_count=1)))
     configs = {name: read_config(os.path.join(tiny_pipeline_dir, name)) for name in SPEC_COMPONENTS}
     spec = batch_spec(cfg, configs, batch_kind(cfg))

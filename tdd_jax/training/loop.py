@@ -86,7 +86,7 @@ class NonFiniteGuard:
                 "checkpoint.")
 
 
-def _tokenizer_fn(pipeline_dir: str):
+def tokenizer_fn(pipeline_dir: str):
     """Captions -> both tokenizers' ids, merged into each batch by the data iterator."""
     tok1, tok2 = conditioning.load_tokenizers(pipeline_dir)
     return lambda captions: {"input_ids": conditioning.tokenize(tok1, captions),
@@ -143,7 +143,7 @@ def _run(cfg, workdir: epath.Path, watch: PreemptionWatch, writer, checkpoints: 
     validating = cfg.validation.every <= cfg.num_train_steps
     frozen = load_frozen(cfg.pipeline_dir, cfg, mesh, encoders=cfg.data.source != "cache" or validating)
     step_fns = build_train_step(cfg, frozen, schedule)
-    data = make_train_iterator(cfg.data, tokenize=None if cfg.data.source == "cache" else _tokenizer_fn(
+    data = make_train_iterator(cfg.data, tokenize=None if cfg.data.source == "cache" else tokenizer_fn(
         cfg.pipeline_dir))
     start = checkpoints.latest_step()
     if start is None:
