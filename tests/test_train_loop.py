@@ -2,12 +2,9 @@
 
 One uninterrupted reference run (with validation grids) is compared with: a run stopped by SIGTERM and then
 resumed from its checkpoint (the losses after the resume must be bit-identical: state, PRNG and data position
-all come back), and the same run on two jax.distributed processes of 4 devices each (same losses). The mesh is
-2 (data) x 4 (fsdp) with a tiny min_shard_size, so the base weights and the LoRA really are FSDP-split, across
-processes in the two-process run.
-
-The data is a folder of one image repeated: each process reads its own interleaved shard of the examples, so
-only with interchangeable examples do a one-process and a two-process run see the same global batches.
+all come back). On a folder of 16 different images, a one-process run and the same run on two jax.distributed
+processes of 4 devices each log the same losses. The mesh is 2 (data) x 4 (fsdp) with a tiny min_shard_size, so
+the base weights and the LoRA really are FSDP-split, across processes in the two-process run.
 Every subprocess shares a persistent compilation cache, so the programs are compiled once per topology.
 """
 
@@ -144,21 +141,46 @@ def test_sigterm_saves_and_resume_is_bit_identical(setup, reference):
     assert [got[s] for s in range(1, stopped + 1)] == [expected[s] for s in range(1, stopped + 1)]
 
 
+def distinct_images(root: Path) -> Path:
+    """16 different images and captions (coloured squares at different places), so that a run whose processes
+    saw other global batches than a one-process run would log other losses."""
+    data = root / "distinct"
+    data.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+    for i in range(16):
+        name = list(colours)[i % 4]
+        image = np.full((16, 16, 3), rng.integers(150, 256, 3), np.uint8)
+        y, x = rng.integers(0, 9, 2)
+        image[y:y + 7, x:x + 7] = colours[name]
+        Image.fromarray(image).save(data / f"{i:02d}.png")
+        (data / f"{i:02d}.txt").write_text(f"a {name} square, {'small' if i < 8 else 'large'}")
+    return data
+
+
 @pytest.mark.multiprocess
-def test_two_processes_match_one(setup, reference):
+def test_two_processes_match_one_on_different_images(setup, reference):
+    """1 process x 8 devices and 2 processes x 4 devices see the same global batches of real, different images
+    (the global order is a function of seed and step only; each process takes its slice of each batch)."""
+    data = f"--config.data.path={distinct_images(setup['root'])}"
+    one = setup["root"] / "distinct_one_process"
+    run(setup, one, data)
     workdir = setup["root"] / "two_processes"
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen(command(setup, workdir, process=(port, i)), cwd=REPO, env=environment(setup, 4),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [subprocess.Popen(command(setup, workdir, data, process=(port, i)), cwd=REPO,
+                              env=environment(setup, 4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-5000:]
     assert "over 8 devices in 2 processes" in outputs[0]
-    expected, got = losses(reference[0]), losses(workdir)
-    assert sorted(got) == sorted(expected)
+    expected, got = losses(one), losses(workdir)
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)], rtol=1e-5)
+    identical = losses(reference[0])  # the one-image data: the images really change the losses
+    assert not np.allclose([identical[s] for s in sorted(got)], [got[s] for s in sorted(got)], rtol=1e-3)
     assert sorted(p.name for p in (workdir / "checkpoints" / str(STEPS) / "data").glob("*.json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
 
@@ -168,6 +190,19 @@ def test_config_error_names_field_before_loading(setup):
                           env=environment(setup, 8), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "target.k_min" in proc.stderr and "Compiled" not in proc.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.lora.rank=four", "flag --config.lora.rank=four: invalid literal for int()"),
+    ("--config.optim.lr=fast", "flag --config.optim.lr=fast: could not convert string to float"),
+    ("--config.validation.steps=four", "'four') must be positive step counts"),
+])
+def test_wrong_type_config_field_is_named_and_nothing_written(setup, override, message):
+    workdir = setup["root"] / "wrong_type"
+    proc = subprocess.run(command(setup, workdir, override), cwd=REPO, env=environment(setup, 8),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
+    assert not workdir.exists()
 
 
 def test_non_finite_guard_stops_after_the_configured_run():
