@@ -18,7 +18,7 @@ from PIL import Image
 
 from configs import tdd_tiny
 from convert import export_lora
-from tdd_jax import sample
+from tdd_jax import lora_source, sample
 from tdd_jax.diffusion.sampler import SamplerSettings
 from tdd_jax.models import lora_formats
 from tdd_jax.models.loading import read_config
@@ -66,6 +66,7 @@ def tcd_timesteps(num_steps: int, original_steps: int) -> list[int]:
 
 
 def test_grid_from_metadata_and_override(tiny_pipeline_dir, prompts, tmp_path):
+    assert set(lora_source.TRAINED_WITH) - {"ema"} <= set(lora_metadata(tdd_tiny.get_config(), 0))
     lora = export_file(tiny_pipeline_dir, tmp_path / "lora.safetensors")
     plan = prepare(job(tiny_pipeline_dir, prompts, tmp_path / "out", lora=str(lora)))
     assert plan.settings.grid_steps == 50 and "solver_steps=50" in plan.sources["grid_steps"]
