@@ -151,3 +151,28 @@ def test_two_processes_one_killed_and_rerun(tmp_path):
     _same_folder(out, tmp_path / "ref")
     finish(cmd("out", 2, 0))  # nothing left to render: completes the contact sheet
     np.testing.assert_array_equal(_pixels(out / CONTACT_SHEET), _pixels(tmp_path / "ref" / CONTACT_SHEET))
+
+
+def test_png_writing_overlaps_the_next_batch(tmp_path, monkeypatch):
+    """With a device call and a batch's PNG writing of 0.2 s each, 5 batches take about 6 x 0.2 s, not 10 x."""
+    delay, batches, size = 0.2, 5, 2
+
+    def fake_pipe(prompts, settings, **kwargs):
+        time.sleep(delay)
+        return np.zeros((len(prompts), 8, 8, 3), np.uint8)
+
+    def slow_png(path, image):
+        time.sleep(delay / size)
+        path.write_bytes(b"png")
+
+    monkeypatch.setattr(sample, "write_png", slow_png)
+    records = [{"index": i, "file": f"{i:05d}.png", "prompt": "x", "seed": i, "negative_prompt": None,
+                "height": 8, "width": 8} for i in range(batches * size)]
+    plan = sample.Plan(records, records, sample.SamplerSettings(), {}, 1, 0)
+    log = MetadataLog(tmp_path / METADATA)
+    start = time.perf_counter()
+    sample._render_todo(SampleJob(pipeline="", prompts="", out=str(tmp_path), batch_size=size), plan, fake_pipe, log)
+    elapsed = time.perf_counter() - start
+    log.close()
+    assert len(_lines(tmp_path)) == len(records) and _pngs(tmp_path) == {r["file"] for r in records}
+    assert elapsed < 0.75 * 2 * batches * delay, elapsed  # serial: 2.0 s; overlapped: ~1.2 s
