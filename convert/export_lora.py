@@ -5,8 +5,10 @@
 
 The diffusers file loads with ``StableDiffusionXLPipeline.load_lora_weights(path)`` (alpha/rank folded into
 lora_B, see tdd_jax/models/lora_formats.py); the kohya file loads in ComfyUI/A1111 and diffusers. Both carry the
-training metadata (method, rank, alpha, target modules, K_min, K_max, η, ρ, guidance range, step, config) in the
-safetensors header, readable with ``safe_open(path, 'np').metadata()``.
+training metadata (method, rank, alpha, target modules, K_min, K_max, η, ρ, guidance range and mode, solver
+grid, step, config; ``checkpointing.lora_metadata``) in the safetensors header, readable with
+``safe_open(path, 'np').metadata()`` or decoded by ``tdd_jax.lora_source.read_header`` (what ``tdd_jax.sample``
+reads for ``--w_prime=auto`` and its default ``--grid_steps``).
 """
 
 from __future__ import annotations
@@ -21,19 +23,9 @@ from safetensors.numpy import save_file
 
 from tdd_jax.atomic import atomic_file
 from convert.sources import DTYPES
+from tdd_jax.lora_source import header_metadata
 from tdd_jax.training.checkpointing import checkpoint_lora
 from tdd_jax.models import lora_formats
-
-
-def header_metadata(meta: Mapping, extra: Mapping[str, str] = ()) -> dict[str, str]:
-    """Training metadata as safetensors header strings (non-strings JSON-encoded), plus ``extra``."""
-    out = {"format": "pt"}
-    for key, value in meta.items():
-        out[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    if "targets" in meta:
-        out["target_modules"] = out["targets"]
-    out.update(extra)
-    return out
 
 
 def export(lora, meta: Mapping, *, diffusers: str | Path | None = None, kohya: str | Path | None = None,

@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from tdd_jax.atomic import atomic_dir
-from convert.export_lora import header_metadata
 from convert.sources import DTYPES, lora_source
+from tdd_jax.lora_source import header_metadata
 from tdd_jax.models.loading import weight_files
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"

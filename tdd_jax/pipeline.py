@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from tdd_jax import conditioning
+from tdd_jax import conditioning, lora_source
 from tdd_jax.diffusion.sampler import SamplerSettings
 from tdd_jax.diffusion.schedule import NoiseSchedule
 from tdd_jax.models import lora as lora_lib
@@ -90,24 +90,17 @@ class ImageGeometry:
 
 def load_lora(path: str | Path, models: dict[str, nnx.Module], *, step: int | None = None,
               ema: bool = False) -> dict[str, Any]:
-    """Attach a LoRA to the loaded models in place; returns what metadata should say about it.
+    """Attach a LoRA (``lora_source.read_lora``: a file or a trainer checkpoint) to the loaded models in place.
 
-    ``path`` is a diffusers/PEFT or kohya ``.safetensors`` file (UNet and text-encoder modules) or a trainer
-    workdir / checkpoint folder (its UNet LoRA, online or EMA, at ``step`` or the latest).
+    Returns what metadata should say about it: the path, the adapted modules per component and how it was
+    trained (``lora_source.TRAINED_WITH``: the distillation guidance w' and teacher grid among them).
     """
-    path = Path(path)
-    if path.is_file():
-        text_and_unet = {name: models[name] for name in lora_formats.COMPONENTS}
-        return {"lora": str(path), "modules": lora_formats.load_lora_file(path, text_and_unet)}
-    if path.is_dir():
-        from tdd_jax.training.checkpointing import checkpoint_lora  # orbax: only for trainer checkpoints
-
-        lora, meta = checkpoint_lora(path, step=step, ema=ema)
-        lora_formats.attach(models["unet"], lora)
-        # The distillation guidance w' and teacher grid: the reference a student is compared against.
-        return {"lora": str(path), "step": meta["step"], "ema": ema, "method": meta.get("method"),
-                "w_max": meta.get("w_max"), "solver_steps": meta.get("solver_steps")}
-    raise FileNotFoundError(f"LoRA {path} is neither a .safetensors file nor a trainer checkpoint folder")
+    shapes = {name: lora_formats.layer_shapes(models[name]) for name in lora_formats.COMPONENTS if name in models}
+    loras, meta = lora_source.read_lora(path, shapes, step=step, ema=ema)
+    for name, lora in loras.items():
+        lora_formats.attach(models[name], lora)
+    return {"lora": str(path), "modules": {name: len(lora) for name, lora in loras.items()},
+            **lora_source.trained_with(meta)}
 
 
 def _as_list(value, n: int, name: str) -> list:

@@ -30,7 +30,8 @@ from tdd_jax.models.unet import UNet2DConditionModel
 from tdd_jax.models.vae import AutoencoderKL
 
 META = {"method": "tdd", "rank": 4, "alpha": 3.0, "targets": list(TDD_TARGETS), "k_min": 4, "k_max": 8,
-        "eta": 0.3, "rho": 0.2, "w_min": 3.5, "w_max": 3.5, "solver_steps": 50, "step": 7}
+        "eta": 0.3, "rho": 0.2, "w_min": 3.0, "w_max": 4.0, "guidance_mode": "decoupled", "solver_steps": 50,
+        "step": 7}
 
 
 @nnx.jit
@@ -171,7 +172,34 @@ def test_checkpoint_lora_reports_how_it_was_distilled(checkpoint, base_unet):
     from tdd_jax.pipeline import load_lora
 
     info = load_lora(checkpoint, {"unet": nnx.clone(base_unet)})
-    assert (info["step"], info["method"], info["w_max"], info["solver_steps"]) == (7, "tdd", 3.5, 50)
+    assert (info["step"], info["method"], info["w_max"], info["solver_steps"]) == (7, "tdd", 4.0, 50)
+
+
+def test_exported_file_tells_what_the_checkpoint_tells(checkpoint, exported, base_unet):
+    """The trainer metadata sampling needs (guidance range and mode, solver grid) reads back the same from the
+    checkpoint (metadata only, no arrays) and from both exported files' headers, and reaches ``lora_info``."""
+    from tdd_jax import lora_source
+    from tdd_jax.pipeline import load_lora
+    from tdd_jax.training.checkpointing import checkpoint_metadata
+
+    assert checkpoint_metadata(checkpoint) == META == lora_source.read_metadata(checkpoint)
+    expected = {**lora_source.trained_with(META), "ema": False}
+    for path in exported:
+        header = lora_source.read_metadata(path)
+        assert {k: header[k] for k in META} == META
+        assert lora_source.trained_with(header) == expected
+        info = load_lora(path, {"unet": nnx.clone(base_unet)})
+        assert {k: info[k] for k in lora_source.TRAINED_WITH} == expected
+
+
+def test_sampling_a_checkpoint_takes_its_grid_and_w_prime(checkpoint, tiny_pipeline_dir, tmp_path):
+    from tdd_jax.sample import SampleJob, prepare
+
+    (tmp_path / "p.txt").write_text("a cat\n")
+    plan = prepare(SampleJob(pipeline=str(tiny_pipeline_dir), prompts=str(tmp_path / "p.txt"), out=str(tmp_path),
+                             lora=str(checkpoint), from_lora=frozenset({"grid_steps", "w_prime"})))
+    assert (plan.settings.grid_steps, plan.settings.w_prime) == (50, 3.5)
+    assert plan.records[0]["lora_trained"]["step"] == 7
 
 
 def test_fused_unet_equals_student(checkpoint, student, tiny_pipeline_dir, base_weights, inputs, tmp_path):

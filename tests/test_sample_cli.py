@@ -108,6 +108,9 @@ def test_read_prompts(tmp_path):
     (tmp_path / "q.jsonl").write_text('{"prompt": "a cat", "steps": 8}\n')
     with pytest.raises(ValueError, match=r"q.jsonl:1: unknown fields \['steps'\]"):
         read_prompts(tmp_path / "q.jsonl", 0)
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "a cat"}\n\n{"prompt": "a dog",\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl:3: not a JSON object"):  # the file's line, blanks counted
+        read_prompts(tmp_path / "broken.jsonl", 0)
     with pytest.raises(ValueError, match="must be a .txt"):
         read_prompts(tmp_path / "p.csv", 0)
 

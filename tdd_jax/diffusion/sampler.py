@@ -52,6 +52,12 @@ def sampler_timesteps(num_steps: int, *, grid_steps: int = 250, num_train_timest
     return tuple(int(t) for t in np.sort(chosen)[::-1])
 
 
+def _setting(default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None):
+    """A ``SamplerSettings`` field: its default, and the help text, command-line name (default: the field's) and
+    choices that ``tdd_jax.sample`` builds its flags from, so each setting is declared here only."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
     """Everything that decides a sample besides (x_T, key, prompt). Hashable, so it can be jit-static.
@@ -60,21 +66,22 @@ class SamplerSettings:
     guidance w' of paper Eq. 13/14; None or 0 = off) then tunes it to (guided + w'·u)/(1 + w'): a student trained
     against LCM-form CFG learned ε_s(c) ≈ (1 + w')·ε(c) − w'·ε(∅) and ε_s(∅) ≈ ε(∅), so at s = 1 this gives back
     the teacher's unguided ε(c), and s > 1 extrapolates from there. clip_* is Imagen's dynamic thresholding of x̂0
-    (diffusers semantics) on steps i < clip_steps.
+    (diffusers semantics) on steps i < clip_steps. Each field's help text is in its metadata (``_setting``).
     """
 
-    num_steps: int = 4
-    gamma: float = 0.2
-    guidance_scale: float = 1.7
-    w_prime: float | None = None
-    non_equidistant: bool = False
-    clip_steps: int = 0
-    clip_percentile: float = 0.995
-    clip_max: float = 1.0
-    final_step: str = "clean"
-    grid_steps: int = 250
-    k_min: int = 4
-    k_max: int = 8
+    num_steps: int = _setting(4, "sampling steps", flag="steps")
+    gamma: float = _setting(0.2, "renoise strength γ (0 = deterministic sampling)")
+    guidance_scale: float = _setting(1.7, "classifier-free guidance scale (1 = off)")
+    w_prime: float | None = _setting(None, "training guidance w' for the guidance-scale tuning (paper Eq. 13/14)")
+    non_equidistant: bool = _setting(False, "TDD's non-equidistant timestep schedule")
+    clip_steps: int = _setting(0, "dynamic-threshold x0 on the first N steps")
+    clip_percentile: float = _setting(0.995, "dynamic thresholding: quantile of |x0| that sets the clip value")
+    clip_max: float = _setting(1.0, "dynamic thresholding: the largest clip value")
+    final_step: str = _setting("clean", "clean: the last step returns x0 (TDD); tcd: it ends at alpha_bar_0 "
+                               "(diffusers' TCDScheduler)", choices=FINAL_STEPS)
+    grid_steps: int = _setting(250, "solver grid the LoRA was trained on")
+    k_min: int = _setting(4, "non-equidistant schedule: the steps whose timesteps are always kept")
+    k_max: int = _setting(8, "non-equidistant schedule: the schedule the extra steps are taken from")
 
     @property
     def uses_cfg(self) -> bool:

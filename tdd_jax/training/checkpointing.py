@@ -72,7 +72,10 @@ def _data_handler() -> ocp.JsonCheckpointHandler:
 
 
 def lora_metadata(cfg, step: int) -> dict[str, Any]:
-    """What a LoRA file needs to say about how it was trained (issue 6's export metadata)."""
+    """What a LoRA file needs to say about how it was trained (the export writes it into the safetensors header).
+
+    Sampling reads the guidance range and mode (``--w_prime=auto``, paper Eq. 14, refused for 'official') and
+    the solver grid (``--grid_steps``) from it: ``tdd_jax.lora_source.TRAINED_WITH``."""
     return {
         "method": cfg.target.kind, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
         "targets": list(cfg.lora.targets), "k_min": cfg.target.k_min, "k_max": cfg.target.k_max,
@@ -208,6 +211,30 @@ def _locate(path: str | os.PathLike, step: int | None) -> tuple[epath.Path, int 
     raise CheckpointError(f"{path} is neither a trainer workdir nor a checkpoint folder")
 
 
+def _open_step(path: str | os.PathLike, step: int | None) -> tuple[ocp.CheckpointManager, epath.Path, int]:
+    """(a reading manager, its folder, ``step`` or the latest) for a workdir / checkpoint folder; close it."""
+    directory, step = _locate(path, step)
+    manager = ocp.CheckpointManager(directory, item_handlers={
+        STATE: ocp.PyTreeCheckpointHandler(), DATA: _data_handler(), META: ocp.JsonCheckpointHandler()})
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        manager.close()
+        raise CheckpointError(f"no checkpoint in {directory}")
+    return manager, directory, step
+
+
+def checkpoint_metadata(path: str | os.PathLike, *, step: int | None = None) -> dict:
+    """The ``lora_metadata`` of a workdir / checkpoint folder at ``step`` (default: the latest); no arrays read."""
+    manager, directory, step = _open_step(path, step)
+    try:
+        return dict(manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
+    except Exception as e:
+        raise CheckpointError(f"checkpoint step {step} in {directory} has no readable metadata "
+                              f"({type(e).__name__}: {e})") from e
+    finally:
+        manager.close()
+
+
 def restore_lora(path: str | os.PathLike, step: int | None = None, ema: bool = False) -> tuple[dict, dict]:
     """(LoRA tree as a nested dict of numpy arrays, metadata) from a trainer checkpoint, on any host.
 
@@ -215,12 +242,7 @@ def restore_lora(path: str | os.PathLike, step: int | None = None, ema: bool = F
     and needs no devices of the training topology. Keys are the model's module path components, ending in
     ``lora_A``/``lora_B``.
     """
-    directory, step = _locate(path, step)
-    manager = ocp.CheckpointManager(directory, item_handlers={
-        STATE: ocp.PyTreeCheckpointHandler(), DATA: _data_handler(), META: ocp.JsonCheckpointHandler()})
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"no checkpoint in {directory}")
+    manager, directory, step = _open_step(path, step)
     key = "ema_lora" if ema else "lora"
     try:
         tree = manager.item_metadata(step)[STATE].tree

@@ -1,0 +1,94 @@
+"""Where a LoRA comes from, a ``.safetensors`` file or a trainer checkpoint, and what it says about its training.
+
+One dispatch for everything that reads a LoRA (the pipeline, the fused-UNet conversion, the sampling job), so a
+file and a checkpoint are told apart in one place. Both carry the trainer's metadata
+(``training.checkpointing.lora_metadata``): a checkpoint as JSON, an exported file in its safetensors header,
+strings as they are and every other value JSON-encoded (``header_metadata``; ``read_header`` reverses it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from tdd_jax.models import lora_formats
+
+# The metadata that says how a LoRA was trained and that sampling needs (None where a LoRA does not record it):
+# the guidance range and mode (guidance-scale tuning, paper Eq. 14) and the solver grid of its timesteps.
+TRAINED_WITH = ("method", "step", "ema", "w_min", "w_max", "guidance_mode", "solver_steps", "k_min", "k_max")
+
+
+def header_metadata(meta: Mapping, extra: Mapping[str, str] = ()) -> dict[str, str]:
+    """Training metadata as safetensors header strings (non-strings JSON-encoded), plus ``extra``."""
+    out = {"format": "pt"}
+    for key, value in meta.items():
+        out[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    if "targets" in meta:
+        out["target_modules"] = out["targets"]
+    out.update(extra)
+    return out
+
+
+def _decode(header: Mapping[str, str]) -> dict[str, Any]:
+    """``header_metadata`` reversed: JSON values decoded, other strings kept as they are."""
+    out = {}
+    for key, value in header.items():
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """The metadata of a LoRA file's safetensors header, JSON values decoded (no tensors are read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    with safe_open(str(path), framework="numpy") as f:
+        return _decode(f.metadata() or {})
+
+
+def is_file(path: str | Path) -> bool:
+    """A LoRA file (else: a trainer workdir / checkpoint folder); FileNotFoundError when it is neither."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"LoRA {path} does not exist")
+    if not (path.is_file() or path.is_dir()):
+        raise FileNotFoundError(f"LoRA {path} is neither a .safetensors file nor a trainer checkpoint folder")
+    return path.is_file()
+
+
+def read_metadata(path: str | Path, *, step: int | None = None) -> dict[str, Any]:
+    """The metadata of a LoRA file or a checkpoint (at ``step`` or the latest), without reading any weights."""
+    if is_file(path):
+        return read_header(path)
+    from tdd_jax.training.checkpointing import checkpoint_metadata  # orbax: only for trainer checkpoints
+
+    return checkpoint_metadata(path, step=step)
+
+
+def trained_with(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``TRAINED_WITH`` entries of a LoRA's metadata (None where it has none)."""
+    return {key: meta.get(key) for key in TRAINED_WITH}
+
+
+def read_lora(path: str | Path, shapes: Mapping[str, Mapping[str, tuple[int, ...]]], *, step: int | None = None,
+              ema: bool = False) -> tuple[dict[str, dict[str, lora_formats.ModuleLoRA]], dict[str, Any]]:
+    """({component: LoRA} checked against ``shapes`` ({component: layer shapes}), metadata).
+
+    ``path``: a diffusers/PEFT or kohya ``.safetensors`` file (any of ``shapes``' components) or a trainer
+    workdir / checkpoint folder (its UNet LoRA, online or EMA, at ``step`` or the latest).
+    """
+    if is_file(path):
+        loras, header = lora_formats.read_lora_file(path, shapes)
+        return loras, _decode(header)
+    from tdd_jax.training.checkpointing import checkpoint_lora  # orbax: only for trainer checkpoints
+
+    lora, meta = checkpoint_lora(path, step=step, ema=ema)
+    lora_formats.check_fits(lora, shapes["unet"], "the base UNet")
+    return {"unet": lora}, meta
