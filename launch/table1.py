@@ -63,13 +63,17 @@ def train_student(method: str, out: Path, data_dir: str, train_steps: int | None
     return workdir
 
 
-def rows(methods, steps) -> list[dict]:
-    """The table's rows: (label, method, sampler settings per step count)."""
+def rows(methods, steps, published_gamma: bool = False) -> list[dict]:
+    """The table's rows: (label, method, sampler settings per step count); with ``published_gamma`` also every
+    method with its published γ (LCM 1, PCM 0, TCD 0.3, TDD 0.2) instead of the deterministic sampler."""
+    def sampler(cfg, gamma: float) -> dict:
+        return dict(gamma=gamma, guidance_scale=float(cfg.validation.guidance_scale),
+                    grid_steps=int(cfg.solver.num_steps), k_min=int(cfg.target.k_min), k_max=int(cfg.target.k_max))
+
     out = []
     for method in methods:
         cfg = method_config(method)
-        base = dict(gamma=float(cfg.validation.gamma), guidance_scale=float(cfg.validation.guidance_scale),
-                    grid_steps=int(cfg.solver.num_steps), k_min=int(cfg.target.k_min), k_max=int(cfg.target.k_max))
+        base = sampler(cfg, float(cfg.validation.gamma))
         out.append({"label": method.upper(), "method": method,
                     "settings": {n: SamplerSettings(num_steps=n, **base) for n in steps}})
         if method == "tdd":
@@ -81,6 +85,12 @@ def rows(methods, steps) -> list[dict]:
             out.append({"label": f"TDD w'={cfg.guidance.w_max:g}, CFG {TUNED_GUIDANCE_SCALE}", "method": method,
                         "settings": {n: SamplerSettings(num_steps=n, w_prime=float(cfg.guidance.w_max), **tuned)
                                      for n in steps}})
+    if published_gamma:  # each method's own published γ (configs/methods.py), other settings as above
+        for method in methods:
+            gamma = float(importlib.import_module("configs.tdd_sdxl").get_config(method).validation.gamma)
+            base = sampler(method_config(method), gamma)
+            out.append({"label": f"{method.upper()} γ={gamma:g}", "method": method,
+                        "settings": {n: SamplerSettings(num_steps=n, **base) for n in steps}})
     return out
 
 
@@ -109,6 +119,8 @@ def main(argv=None) -> None:
     parser.add_argument("--num_prompts", type=int, default=256, help="prompts (one seed each) per cell")
     parser.add_argument("--train_steps", type=int, help="distillation steps (default: the tiny config's)")
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--published_gamma", action="store_true",
+                        help="also rows with each method's published sampler γ (the main rows all use γ = 0)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tdd and lcm, 4 steps, 8 prompts, 2 steps")
     args = parser.parse_args(argv)
     if args.quick:
@@ -135,7 +147,7 @@ def main(argv=None) -> None:
         prompts, SamplerSettings(num_steps=TEACHER_STEPS, gamma=0.0, guidance_scale=teacher_cfg,
                                  grid_steps=teacher_grid), seeds=seeds, batch_size=args.batch_size))
 
-    table = rows(methods, steps)
+    table = rows(methods, steps, args.published_gamma)
     samples: dict[tuple[str, int], np.ndarray] = {}
     for row in table:
         pipe = TDDPipeline.from_pretrained(args.pipeline, lora=workdirs[row["method"]])
