@@ -182,7 +182,8 @@ def write_outputs(out: Path, table, steps, results, teacher_score, samples, prom
     by_cell = {(r["row"], r["steps"]): r for r in results}
     lines = ["| method | " + " | ".join(f"{n} steps" for n in steps) + " |",
              "| --- |" + " --- |" * len(steps)]
-    for metric, fmt in (("fid", "{:.2f}"), ("kid", "{:.4f}"), ("prompt_accuracy", "{:.1%}")):
+    for metric, fmt in (("fid", "{:.2f}"), ("kid", "{:.4f}"), ("prompt_accuracy", "{:.1%}"),
+                        ("teacher_mean_abs_delta", "{:.3f}")):
         lines.append(f"| **{metric}** |" + " |" * len(steps))
         for row in table:
             cells = [fmt.format(by_cell[row["label"], n][metric]) if (row["label"], n) in by_cell else "—"
