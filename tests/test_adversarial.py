@@ -260,6 +260,7 @@ def test_resume_is_bit_exact_with_the_heads(adv, batch, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow  # a trainer start-up and compile in a subprocess: 465 s on the loaded 2-core machine
 def test_tdd_tiny_adv_config_trains(tiny_pipeline_dir, tmp_path):
     """``configs/tdd_tiny.py:tdd_adv`` through the trainer's command line, on the random tiny pipeline."""
     data = tmp_path / "data"
