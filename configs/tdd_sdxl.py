@@ -4,8 +4,10 @@
         python -m tdd_jax.train --config=configs/tdd_sdxl.py --workdir=runs/tdd
 
 The argument names the method: ``configs/tdd_sdxl.py:lcm`` (or ``:pcm``, ``:tcd``) is that baseline, which
-changes only the target rule and the hyper-parameters its paper publishes (``configs/methods.py``), so a
-comparison differs in nothing else.
+changes only the target rule and its method settings (``configs/methods.py``), so a comparison differs in
+nothing else; ``:tdd_adv`` is TDD with the adversarial term (the paper's "Ours(adv)"), ``:pcm_adv`` PCM with it;
+``:lcm_paper``, ``:pcm_paper``, ``:tcd_paper`` are the baselines with every number of their published recipes
+(learning rate, weight decay, batch, ...), not the same-budget comparison.
 """
 
 import os
@@ -65,6 +67,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.optim.warmup_steps = 0
 
     cfg.ema_decay = 0.0  # 0: the target is the online LoRA under stop-gradient (official)
+
+    # The adversarial term (TDD-adv, train_tdd_adv.py; PCM's adversarial recipe), off here: ``:tdd_adv`` and
+    # ``:pcm_adv`` turn it on. Numbers: the official TDD-adv / PCM SDXL runs.
+    cfg.adv = ml_collections.ConfigDict()
+    cfg.adv.enabled = False
+    cfg.adv.g_weight = 0.1  # lambda: LoRA loss = consistency + lambda * hinge G loss (PCM --adv_weight=0.1)
+    cfg.adv.lr = 1e-5  # the discriminator heads' AdamW (PCM --adv_lr=1e-5), constant
+    cfg.adv.b1 = 0.0
+    cfg.adv.b2 = 0.999
+    cfg.adv.eps = 1e-8
+    cfg.adv.weight_decay = 1e-3
+    cfg.adv.grad_clip = 1.0  # PCM clips the heads' gradients with the trainer's max_grad_norm
+    cfg.adv.window = 250  # discriminator timestep ~ U{tau .. min(tau + 250, T) - 1} (PCM: T / 4 phases)
 
     cfg.batch = ml_collections.ConfigDict()
     cfg.batch.global_batch = 512  # = per-device batch x devices x grad_accum (official: 16 x 8 GPUs x 4)

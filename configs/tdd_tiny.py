@@ -2,6 +2,7 @@
 
     python -m tdd_jax.train --config=configs/tdd_tiny.py --workdir=runs/tdd_tiny
     python -m tdd_jax.train --config=configs/tdd_tiny.py:lcm --workdir=runs/lcm_tiny   # a baseline, same budget
+    python -m tdd_jax.train --config=configs/tdd_tiny.py:tdd_adv --workdir=runs/tdd_adv_tiny   # TDD-adv
 
 Only what a laptop-sized run needs differs from the SDXL config: the pipeline and data, 64 px, a small LoRA, a
 higher, decaying learning rate so a few hundred steps show the effect, fp32 and no rematerialisation. Every
@@ -12,6 +13,7 @@ methods differ only in their target rule, their grid and their published sampler
 import os
 
 from configs import tdd_sdxl
+from configs.methods import PUBLISHED, apply_method, method_name
 from tdd_jax.pretrain.teacher import TEACHER_GROUPS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,5 +73,12 @@ def get_config(arg: str | None = None):
     # CFG (w' is distilled into it), the teacher with the CFG the student was distilled from (1 + w').
     cfg.validation.gamma = 0.0
     cfg.validation.guidance_scale = 1.0
+    # The adversarial heads learn at the tiny budget's scale too (the official 1e-5 would leave them near their
+    # random init over a few hundred steps); a published-recipe variant sets its own below.
+    cfg.adv.lr = 1e-3
+    if method_name(arg) in PUBLISHED:
+        # Published recipes keep this pipeline's model size and budget (BUDGET_FIELDS) and take every other
+        # number from the paper, the teacher CFG range, rate and schedule included.
+        apply_method(cfg, arg, budget=False)
     cfg.validation.teacher_guidance_scale = 1.0 + cfg.guidance.w_max
     return cfg

@@ -1,5 +1,5 @@
-"""The paper's Table 1 on the embedded tiny SDXL: LCM, PCM, TCD and TDD distilled from the same teacher with the
-same budget, each sampled at 4-8 steps, scored by FID / KID / prompt accuracy with the emoji feature extractor.
+"""The paper's Table 1 on the embedded tiny SDXL: LCM, PCM, TCD, TDD and TDD-adv distilled from the same teacher with
+the same budget, each sampled at 4-8 steps, scored by FID / KID / prompt accuracy with the emoji feature extractor.
 
     python3 launch/table1.py --out workdirs/table1            # the whole table (README: "Table 1")
     python3 launch/table1.py --out /tmp/t1 --quick            # 2 methods x 1 step count, a smoke run
@@ -36,7 +36,8 @@ from tdd_jax.pipeline import TDDPipeline
 from tdd_jax.pretrain.teacher import TEACHER_GROUPS
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("lcm", "pcm", "tcd", "tdd")
+METHODS = ("lcm", "pcm", "tcd", "tdd", "tdd_adv")
+LABELS = {"tdd_adv": "TDD-adv"}  # the paper's "Ours(adv)"; the others are the method name in capitals
 STEPS = (4, 5, 6, 7, 8)
 NON_EQUIDISTANT_STEPS = (5, 6, 7)
 TEACHER_STEPS = 25
@@ -74,7 +75,7 @@ def rows(methods, steps, published_gamma: bool = False) -> list[dict]:
     for method in methods:
         cfg = method_config(method)
         base = sampler(cfg, float(cfg.validation.gamma))
-        out.append({"label": method.upper(), "method": method,
+        out.append({"label": LABELS.get(method, method.upper()), "method": method,
                     "settings": {n: SamplerSettings(num_steps=n, **base) for n in steps}})
         if method == "tdd":
             ne = [n for n in steps if n in NON_EQUIDISTANT_STEPS]
@@ -89,7 +90,7 @@ def rows(methods, steps, published_gamma: bool = False) -> list[dict]:
         for method in methods:
             gamma = float(importlib.import_module("configs.tdd_sdxl").get_config(method).validation.gamma)
             base = sampler(method_config(method), gamma)
-            out.append({"label": f"{method.upper()} γ={gamma:g}", "method": method,
+            out.append({"label": f"{LABELS.get(method, method.upper())} γ={gamma:g}", "method": method,
                         "settings": {n: SamplerSettings(num_steps=n, **base) for n in steps}})
     return out
 
@@ -114,18 +115,20 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--pipeline", type=Path, default=REPO / "tdd_jax" / "assets" / "tiny_sdxl")
     parser.add_argument("--data_dir", default=str(REPO / "workdirs" / "emoji_data"))
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", help=f"comma-separated, some of {METHODS} (default: all; --quick: tdd,lcm)")
     parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="sampling step counts")
     parser.add_argument("--num_prompts", type=int, default=256, help="prompts (one seed each) per cell")
     parser.add_argument("--train_steps", type=int, help="distillation steps (default: the tiny config's)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--published_gamma", action="store_true",
                         help="also rows with each method's published sampler γ (the main rows all use γ = 0)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: tdd and lcm, 4 steps, 8 prompts, 2 steps")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: tdd and lcm (or --methods), 4 steps, 8 prompts, 2 steps")
     args = parser.parse_args(argv)
     if args.quick:
-        args.methods, args.steps, args.num_prompts = "tdd,lcm", "4", 8
+        args.methods, args.steps, args.num_prompts = args.methods or "tdd,lcm", "4", 8
         args.train_steps = args.train_steps or 2
+    args.methods = args.methods or ",".join(METHODS)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:

@@ -48,11 +48,26 @@ def test_paper_defaults():
 def test_baselines_differ_only_in_target_rule_and_published_settings(scale):
     base = load_config(scale).to_dict()
     allowed = {"target", "solver", "guidance", "validation"}
-    for method in METHODS[1:]:
+    for method in ("lcm", "pcm", "tcd"):  # the same-budget baselines
         other = load_config(f"{scale}:{method}").to_dict()
         assert {k for k in base if base[k] != other[k]} <= allowed, method
         assert other["target"]["kind"] == method
     assert load_config(f"{scale}:tdd").to_dict() == base
+    # The adversarial variants add only the adversarial term (and on SDXL the official adversarial run's rate).
+    for method, plain in (("tdd_adv", "tdd"), ("pcm_adv", "pcm")):
+        adv, ref = load_config(f"{scale}:{method}").to_dict(), load_config(f"{scale}:{plain}").to_dict()
+        assert adv["adv"]["enabled"] and not ref["adv"]["enabled"]
+        assert {k for k in ref if ref[k] != adv[k]} <= {"adv", "optim"}, method
+        assert {k for k in ref["optim"] if ref["optim"][k] != adv["optim"][k]} <= {"lr"}, method
+    # The published recipes: their method's target rule, their own w range and rate.
+    for method, kind, w, lr in (("lcm_paper", "lcm", (3.0, 15.0), 1e-4), ("pcm_paper", "pcm", (6.0, 7.0), 2e-6),
+                                ("tcd_paper", "tcd", (2.0, 14.0), 4.5e-6)):
+        paper = load_config(f"{scale}:{method}")
+        assert paper.target.kind == kind and (paper.guidance.w_min, paper.guidance.w_max) == w, method
+        assert paper.optim.lr == lr and paper.optim.schedule == "constant", method
+        assert paper.adv.enabled == (kind == "pcm"), method
+    assert load_config(f"{scale}:tcd_paper").optim.weight_decay == 0.01
+    assert load_config(f"{scale}:tcd_paper").batch.global_batch == (256 if scale == "tdd_sdxl" else 16)
 
 
 def test_config_flag_argument_selects_the_method():

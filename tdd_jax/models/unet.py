@@ -193,9 +193,8 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_out = Conv2d(chans[0], cfg["out_channels"], k_out, padding=(k_out - 1) // 2, opts=opts, rngs=rngs)
         self.center_input_sample = bool(cfg["center_input_sample"])
 
-    def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs: dict | None = None):
-        """sample (B, H, W, C) NHWC; timesteps (B,) or scalar; encoder_hidden_states (B, T, D);
-        added_cond_kwargs {'text_embeds': (B, E), 'time_ids': (B, 6)} for text_time models."""
+    def _embed(self, sample, timesteps, added_cond_kwargs: dict | None):
+        """(input sample, time + added-condition embedding): the part every forward shares."""
         if self.text_time and not {"text_embeds", "time_ids"} <= set(added_cond_kwargs or {}):
             raise ValueError("this UNet has addition_embed_type 'text_time': pass added_cond_kwargs with "
                              "'text_embeds' and 'time_ids'")
@@ -208,7 +207,12 @@ class UNet2DConditionModel(nnx.Module):
             text_embeds = added_cond_kwargs["text_embeds"]
             time_embeds = self.add_time_proj(added_cond_kwargs["time_ids"].reshape(-1)).reshape(b, -1)
             emb = emb + self.add_embedding(jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], -1))
+        return sample, emb
 
+    def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs: dict | None = None):
+        """sample (B, H, W, C) NHWC; timesteps (B,) or scalar; encoder_hidden_states (B, T, D);
+        added_cond_kwargs {'text_embeds': (B, E), 'time_ids': (B, 6)} for text_time models."""
+        sample, emb = self._embed(sample, timesteps, added_cond_kwargs)
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
@@ -221,6 +225,25 @@ class UNet2DConditionModel(nnx.Module):
             size = skips[-1].shape[1:3] if block.upsamplers is not None else None
             x = block(x, res, emb, encoder_hidden_states, size)
         return self.conv_out(silu(self.conv_norm_out(x)))
+
+    def encoder_features(self, sample, timesteps, encoder_hidden_states,
+                         added_cond_kwargs: dict | None = None) -> list:
+        """The output of every down block and of the mid block (NHWC; SDXL: 320, 640, 1280, 1280 channels),
+        without running the up blocks: the feature pyramid a UNet-encoder discriminator (PCM, TDD-adv) reads."""
+        sample, emb = self._embed(sample, timesteps, added_cond_kwargs)
+        x = self.conv_in(sample)
+        features = []
+        for block in self.down_blocks:
+            x, _ = block(x, emb, encoder_hidden_states)
+            features.append(x)
+        features.append(self.mid_block(x, emb, encoder_hidden_states))
+        return features
+
+    @property
+    def feature_channels(self) -> tuple[int, ...]:
+        """Channels of ``encoder_features``' outputs: each level's width, then the mid block's."""
+        chans = tuple(self.config["block_out_channels"])
+        return chans + chans[-1:]
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, opts: ModelOptions = ModelOptions(), shardings=None,

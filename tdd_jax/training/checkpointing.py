@@ -2,8 +2,8 @@
 
 One orbax ``CheckpointManager`` step folder holds three items, written atomically (orbax commits a step only
 when every item is complete):
-- ``state``: the TrainState pytree (step, LoRA, EMA LoRA, optimizer state, PRNG key), sharded arrays written by
-  every process;
+- ``state``: the TrainState pytree (step, LoRA, EMA LoRA, optimizer state, PRNG key; the adversarial heads and
+  their optimizer state in TDD-adv runs), sharded arrays written by every process;
 - ``data``: each process's data-iterator state as ``process_<i>-of-<n>.json`` (its own skip counters; the
   position, in global batches, is the same in all, so a run on another process count resumes from any of them);
 - ``meta``: JSON describing the LoRA (method, rank, alpha, targets, target-rule and guidance settings, step) and
@@ -15,6 +15,7 @@ A state holding a non-finite value is never saved (``NonFiniteError``). Resuming
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -152,8 +153,9 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), abstract_state)
-        restore_args = ocp.checkpoint_utils.construct_restore_args(target)  # read into these shardings
         try:
+            target, rebuild = self._saved_fields(step, target)
+            restore_args = ocp.checkpoint_utils.construct_restore_args(target)  # read into these shardings
             out = self._manager.restore(step, args=ocp.args.Composite(**{
                 STATE: ocp.args.PyTreeRestore(target, restore_args=restore_args), META: ocp.args.JsonRestore()}))
             data_state = self._data_state(step)
@@ -162,7 +164,21 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.directory} cannot be restored ({type(e).__name__}: {e}). "
                 "It may be truncated or written by a different config; remove that step folder "
                 "to resume from an earlier one.") from e
-        return out[STATE], data_state, out[META]
+        return rebuild(out[STATE]), data_state, out[META]
+
+    def _saved_fields(self, step: int, target):
+        """(restore target, rebuild) for a state dataclass (TrainState) whose None fields the checkpoint may
+        lack: a checkpoint written before a field existed (e.g. the adversarial heads) restores with that
+        field None, as the config that wrote it had it."""
+        if not dataclasses.is_dataclass(target):
+            return target, lambda restored: restored
+        saved = self._manager.item_metadata(step)[STATE].tree
+        fields = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)}
+        absent = {name for name, value in fields.items() if value is None and name not in saved}
+        if not absent:
+            return target, lambda restored: restored
+        return ({name: v for name, v in fields.items() if name not in absent},
+                lambda restored: type(target)(**restored))
 
     def meta(self, step: int) -> dict:
         """The metadata of ``step`` alone (cheap: no arrays are read)."""

@@ -82,6 +82,15 @@ FIELDS = {
     "validation.gamma": float,
     "validation.teacher_steps": int,
     "validation.teacher_guidance_scale": float,
+    "adv.enabled": bool,
+    "adv.g_weight": float,
+    "adv.lr": float,
+    "adv.b1": float,
+    "adv.b2": float,
+    "adv.eps": float,
+    "adv.weight_decay": float,
+    "adv.grad_clip": float,
+    "adv.window": int,
 }
 EXTERNAL = ("data",)  # subtrees validated by their own module
 
@@ -195,6 +204,16 @@ def validate(cfg, *, num_devices: int | None = None, process_count: int | None =
         mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, num_devices)
     except ValueError as e:
         raise ConfigError(str(e).removeprefix("config ")) from e
+
+    a = cfg.adv
+    _require(a.g_weight >= 0, "adv.g_weight", f"{a.g_weight} must be >= 0 (0: the heads train, the LoRA ignores them)")
+    _require(a.lr > 0, "adv.lr", f"{a.lr} must be > 0")
+    for name in ("b1", "b2"):
+        _require(0.0 <= a[name] < 1.0, f"adv.{name}", f"{a[name]} must be in [0, 1)")
+    _require(a.eps > 0, "adv.eps", f"{a.eps} must be > 0")
+    _require(a.weight_decay >= 0, "adv.weight_decay", f"{a.weight_decay} must be >= 0")
+    _require(a.grad_clip >= 0, "adv.grad_clip", f"{a.grad_clip} must be >= 0 (0: no clipping)")
+    _require(a.window > 0, "adv.window", f"{a.window} must be > 0 (gan_t ~ U{{tau .. min(tau + window, T) - 1}})")
 
     if check_data:
         _validate_data(cfg, process_count)

@@ -17,13 +17,17 @@ class TrainState:
     """step: int32 scalar (optimizer updates done); lora: the trained adapter (an nnx.State of LoRAParams);
     ema_lora: its exponential moving average, the target network θ⁻ (None when ``ema_decay`` is 0: the
     target is then the online adapter under stop-gradient, as in the official code); opt_state: optax state;
-    rng: raw uint32 PRNG key, split once per step."""
+    rng: raw uint32 PRNG key, split once per step; heads / heads_opt_state: the adversarial variant's trainable
+    discriminator heads and their optimizer state (None without ``cfg.adv.enabled``: the discriminator's
+    encoder is the frozen base UNet, never part of the state)."""
 
     step: jax.Array
     lora: nnx.State
     ema_lora: nnx.State | None
     opt_state: Any
     rng: jax.Array
+    heads: nnx.State | None = None
+    heads_opt_state: Any = None
 
     @property
     def target_lora(self) -> nnx.State:

@@ -11,11 +11,19 @@ them on the encoded "" caption and still guides them against the zero embedding.
 
 All randomness is drawn per example from a per-example key, so the step computes the same numbers whether
 the batch is split into microbatches (gradient accumulation, a ``lax.scan``) or over any number of devices.
+
+With ``adv.enabled`` (TDD-adv, PCM's adversarial recipe; see ``adversarial.py``) the step alternates as the
+official code does: even steps (state.step % 2 == 0, the first one included) update only the discriminator
+heads on the hinge D loss, odd steps only the LoRA on consistency + λ·hinge G loss. Both updates are branches of
+one ``lax.cond`` in the one compiled step, so each step runs only its own branch's backward pass (computing both
+updates every step would double the adversarial cost for no gain in fidelity). Every step logs both losses
+(``g_adv``, ``d_loss``) and the consistency ``loss``; ``d_step`` says which update it made.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -30,6 +38,7 @@ from tdd_jax.diffusion.solver import (ddim_step, guide, sample_guidance_weight, 
                                       solver_timesteps)
 from tdd_jax.diffusion.targets import TargetRule, sample_targets
 from tdd_jax.training import sharding
+from tdd_jax.training.adversarial import Adversary, hinge_d_loss, hinge_g_loss
 from tdd_jax.training.config import validate
 from tdd_jax.training.frozen import FrozenPipeline
 from tdd_jax.training.state import TrainState
@@ -156,6 +165,7 @@ class TrainStep:
     rule: TargetRule
     tx: optax.GradientTransformation
     lr_schedule: optax.Schedule
+    adversary: Adversary | None = None  # the discriminator when cfg.adv.enabled
 
     def __post_init__(self):
         mesh = self.frozen.mesh
@@ -176,16 +186,21 @@ class TrainStep:
         lora_key, rng = jax.random.split(rng)
         lora = self.frozen.new_lora(lora_key)
         ema = jax.tree.map(jnp.copy, lora) if self.cfg.ema_decay > 0 else None
+        heads = heads_opt = None
+        if self.adversary is not None:  # its own key, so the LoRA and the step's draws are as without it
+            heads = self.adversary.init_heads(jax.random.fold_in(lora_key, 1))
+            heads_opt = self.adversary.tx.init(heads)
         return TrainState(step=jnp.zeros((), jnp.int32), lora=lora, ema_lora=ema, opt_state=self.tx.init(lora),
-                          rng=rng)
+                          rng=rng, heads=heads, heads_opt_state=heads_opt)
 
     def _state_shardings(self) -> TrainState:
-        """LoRA, EMA and optimizer moments by the weight rule; step and rng replicated."""
+        """LoRA, EMA, heads and optimizer moments by the weight rule; step and rng replicated."""
         mesh, min_size, shapes = self.frozen.mesh, self.frozen.min_shard_size, self._state_shapes
         rep = sharding.replicated(mesh)
-        return TrainState(step=rep, rng=rep, lora=sharding.weight_shardings(mesh, shapes.lora, min_size),
-                          ema_lora=sharding.weight_shardings(mesh, shapes.ema_lora, min_size),
-                          opt_state=sharding.weight_shardings(mesh, shapes.opt_state, min_size))
+        weights = lambda tree: sharding.weight_shardings(mesh, tree, min_size)  # noqa: E731
+        return TrainState(step=rep, rng=rep, lora=weights(shapes.lora), ema_lora=weights(shapes.ema_lora),
+                          opt_state=weights(shapes.opt_state), heads=weights(shapes.heads),
+                          heads_opt_state=weights(shapes.heads_opt_state))
 
     def abstract_state(self) -> TrainState:
         """The state as ShapeDtypeStructs carrying their shardings: the target of a checkpoint restore and
@@ -244,8 +259,12 @@ class TrainStep:
         x0_u, eps_u = self.schedule.to_x0_eps(uncond_out, x_next, t_next)
         return ddim_step(self.schedule, guide(x0_c, x0_u, w), guide(eps_c, eps_u, w), t_cur)
 
-    def _microbatch(self, lora, target_lora, base_params, mb: dict, keys: jax.Array):
-        """(loss, LoRA gradients, per-example metrics) of one microbatch."""
+    def _microbatch(self, lora, target_lora, heads, base_params, mb: dict, keys: jax.Array, phase: str | None):
+        """({'loss': ..., adversarial losses}, gradients, per-example metrics) of one microbatch.
+
+        phase None: no adversary, LoRA gradients of the consistency loss; 'g': LoRA gradients of consistency +
+        λ·G loss; 'd': heads gradients of the D loss (the student's prediction under stop-gradient).
+        """
         keys = jax.vmap(jax.random.split)(keys)  # (b, 2, 2): a VAE-draw key and a key for the rest
         x0, cond = self._inputs(base_params, mb, keys[:, 0])
         d = jax.vmap(lambda k: self._draw(k, x0.shape[1:]))(keys[:, 1])
@@ -254,19 +273,63 @@ class TrainStep:
         x_cur = self.teacher_step(base_params, x_next, d["t_next"], d["t_cur"], cond, w)
         target_out = unet_output(self.frozen.unet(base_params, target_lora), x_cur, d["t_cur"], cond)
         target = jax.lax.stop_gradient(self._consistency(target_out, x_cur, d["t_cur"], d["tau"]))
+        per_example = {"tau": d["tau"], "t_n": d["t_cur"], "w": w}
 
-        def loss_fn(lora):
+        def predict(lora):
             out = unet_output(self.frozen.unet(base_params, lora), x_next, d["t_next"], cond)
-            pred = self._consistency(out, x_next, d["t_next"], d["tau"])
+            return self._consistency(out, x_next, d["t_next"], d["tau"])
+
+        def consistency_loss(pred):
             return distillation_loss(pred, target, self.cfg.loss.kind, float(self.cfg.loss.huber_c))
 
-        loss, grads = jax.value_and_grad(loss_fn)(lora)
-        return loss, grads, {"tau": d["tau"], "t_n": d["t_cur"], "w": w}
+        if phase is None:
+            loss, grads = jax.value_and_grad(lambda p: consistency_loss(predict(p)))(lora)
+            return {"loss": loss}, grads, per_example
+
+        adv = self.adversary
+        a = jax.vmap(lambda k, tau: adv.draw(k, tau, x0.shape[1:]))(keys[:, 1], d["tau"])
+        real = adv.renoise(target, d["tau"], a["gan_t"], a["z_real"])
+        logits = lambda h, x: adv.logits(h, base_params, x, a["gan_t"], cond)  # noqa: E731
+        per_example["gan_t"] = a["gan_t"]
+        if phase == "g":
+            def g_fn(lora):
+                pred = predict(lora)
+                fake_logits = logits(heads, adv.renoise(pred, d["tau"], a["gan_t"], a["z_fake"]))
+                loss, g_adv = consistency_loss(pred), hinge_g_loss(fake_logits)
+                return loss + adv.g_weight * g_adv, (loss, g_adv, fake_logits)
+
+            (_, (loss, g_adv, fake_logits)), grads = jax.value_and_grad(g_fn, has_aux=True)(lora)
+            # For the log only (no gradient): what the heads make of the real side at this step.
+            d_loss = hinge_d_loss(jax.lax.stop_gradient(fake_logits), logits(heads, real))
+        else:
+            pred = jax.lax.stop_gradient(predict(lora))
+            fake = adv.renoise(pred, d["tau"], a["gan_t"], a["z_fake"])
+
+            def d_fn(heads):
+                fake_logits = logits(heads, fake)
+                return hinge_d_loss(fake_logits, logits(heads, real)), hinge_g_loss(fake_logits)
+
+            (d_loss, g_adv), grads = jax.value_and_grad(d_fn, has_aux=True)(heads)
+            loss = consistency_loss(pred)
+        return {"loss": loss, "g_adv": g_adv, "d_loss": d_loss}, grads, per_example
 
     # --- the step ---------------------------------------------------------------------------------------------
 
-    def _accumulate(self, lora, target_lora, base_params, batch: dict, keys: jax.Array, accum: int):
-        """Mean loss and gradients over ``accum`` microbatches, one at a time in a ``lax.scan``.
+    def _losses_and_grads(self, state: TrainState, base_params, batch: dict, keys: jax.Array, phase: str | None):
+        """Mean losses, gradients (of the LoRA, or of the heads in phase 'd') and per-example metrics of the
+        global batch: one microbatch, or ``batch.grad_accum`` of them accumulated."""
+        accum = int(self.cfg.batch.grad_accum)
+        target_lora = jax.lax.stop_gradient(state.target_lora)
+
+        def micro(mb, k):
+            return self._microbatch(state.lora, target_lora, state.heads, base_params, mb, k, phase)
+
+        if accum == 1:  # no loop: compiles twice as fast as a one-trip scan on CPU
+            return micro(batch, keys)
+        return self._accumulate(micro, batch, keys, accum)
+
+    def _accumulate(self, micro, batch: dict, keys: jax.Array, accum: int):
+        """Mean losses and gradients over ``accum`` microbatches, one at a time in a ``lax.scan``.
 
         (B, ...) -> (accum, B/accum, ...): microbatch i takes examples i, i+accum, ...; no data moves between
         devices, since each device keeps its contiguous block of examples.
@@ -279,47 +342,74 @@ class TrainStep:
             return jax.lax.with_sharding_constraint(x, micro_sharding)
 
         def body(acc, inputs):
-            loss, grads, metrics = self._microbatch(lora, target_lora, base_params, *inputs)
-            return jax.tree.map(jnp.add, acc, (loss, grads)), metrics
+            losses, grads, metrics = micro(*inputs)
+            return jax.tree.map(jnp.add, acc, (losses, grads)), metrics
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, lora))
-        (loss, grads), metrics = jax.lax.scan(body, zeros, jax.tree.map(split, (batch, keys)))
-        loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
-        return loss, grads, jax.tree.map(lambda m: m.swapaxes(0, 1).reshape(-1), metrics)  # batch order
+        shapes = jax.eval_shape(micro, *jax.tree.map(lambda x: x[:size // accum], (batch, keys)))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[:2])
+        (losses, grads), metrics = jax.lax.scan(body, zeros, jax.tree.map(split, (batch, keys)))
+        losses, grads = jax.tree.map(lambda x: x / accum, (losses, grads))
+        return losses, grads, jax.tree.map(lambda m: m.swapaxes(0, 1).reshape(-1), metrics)  # batch order
 
     def step_fn(self, state: TrainState, base_params: dict, batch: dict) -> tuple[TrainState, dict]:
-        """One optimizer update on a global batch of ``cfg.batch.global_batch`` examples."""
-        batch, size, accum = select_batch(batch), int(self.cfg.batch.global_batch), int(self.cfg.batch.grad_accum)
+        """One optimizer update on a global batch of ``cfg.batch.global_batch`` examples (of the LoRA, or with
+        the adversary of the LoRA or of the heads by step parity)."""
+        batch, size = select_batch(batch), int(self.cfg.batch.global_batch)
         sizes = {k: v.shape[0] for k, v in batch.items()}
         if set(sizes.values()) != {size}:
             raise ValueError(f"batch leading sizes {sizes} differ from config batch.global_batch={size}")
         rng, step_key = jax.random.split(state.rng)
         keys = jax.lax.with_sharding_constraint(jax.random.split(step_key, size),
                                                 sharding.batch_sharding(self.frozen.mesh))
-        target_lora = jax.lax.stop_gradient(state.target_lora)
-
-        if accum == 1:  # no loop: compiles twice as fast as a one-trip scan on CPU
-            loss, grads, metrics = self._microbatch(state.lora, target_lora, base_params, batch, keys)
+        if self.adversary is None:
+            new_state, metrics = self._generator_update(state, base_params, batch, keys, None)
         else:
-            loss, grads, metrics = self._accumulate(state.lora, target_lora, base_params, batch, keys, accum)
+            new_state, metrics = jax.lax.cond(
+                state.step % 2 == 0, self._discriminator_update, functools.partial(self._generator_update, phase="g"),
+                state, base_params, batch, keys)
+        return new_state.replace(step=state.step + 1, rng=rng), metrics
 
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.lora)
-        lora = optax.apply_updates(state.lora, updates)
+    def _generator_update(self, state: TrainState, base_params, batch, keys, phase):
+        """The LoRA update (and EMA), from the consistency loss (+ λ·G loss in phase 'g')."""
+        losses, grads, metrics = self._losses_and_grads(state, base_params, batch, keys, phase)
+        lora, opt_state, finite, norms = _guarded_update(self.tx, grads, state.opt_state, state.lora, losses)
         ema = state.ema_lora
         if ema is not None:
             mu = float(self.cfg.ema_decay)
-            ema = jax.tree.map(lambda e, p: mu * e + (1.0 - mu) * p, ema, lora)
-        # A NaN/Inf loss or gradient is not applied: LoRA, EMA and optimizer state stay as they were (the step
-        # counter and PRNG move on, so the next step draws fresh noise); the loop counts such steps.
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        lora, ema, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (lora, ema, opt_state),
-                                            (state.lora, state.ema_lora, state.opt_state))
-        new_state = TrainState(step=state.step + 1, lora=lora, ema_lora=ema, opt_state=opt_state, rng=rng)
-        metrics.update(loss=loss, grad_norm=grad_norm, lr=self.lr_schedule(state.step),
-                       update_norm=jnp.where(finite, optax.global_norm(updates), 0.0),
-                       param_norm=optax.global_norm(lora), nonfinite=(~finite).astype(jnp.int32))
-        return new_state, metrics
+            ema = jax.tree.map(lambda e, p: jnp.where(finite, mu * e + (1.0 - mu) * p, e), ema, lora)
+        g_updates = state.step // 2 if phase else state.step  # the G optimizer counts only its own updates
+        metrics.update(losses, **norms, lr=self.lr_schedule(g_updates), param_norm=optax.global_norm(lora),
+                       nonfinite=(~finite).astype(jnp.int32))
+        if phase:
+            metrics.update(d_step=jnp.zeros((), jnp.int32), d_grad_norm=jnp.zeros(()), d_update_norm=jnp.zeros(()))
+        return state.replace(lora=lora, ema_lora=ema, opt_state=opt_state), metrics
+
+    def _discriminator_update(self, state: TrainState, base_params, batch, keys):
+        """The heads' update from the D loss; LoRA, EMA and their optimizer untouched."""
+        losses, grads, metrics = self._losses_and_grads(state, base_params, batch, keys, "d")
+        heads, heads_opt, finite, norms = _guarded_update(self.adversary.tx, grads, state.heads_opt_state,
+                                                          state.heads, {"d_loss": losses["d_loss"]})
+        metrics.update(losses, lr=self.lr_schedule(state.step // 2), param_norm=optax.global_norm(state.lora),
+                       nonfinite=(~finite).astype(jnp.int32), grad_norm=jnp.zeros(()), update_norm=jnp.zeros(()),
+                       d_step=jnp.ones((), jnp.int32), d_grad_norm=norms["grad_norm"],
+                       d_update_norm=norms["update_norm"])
+        return state.replace(heads=heads, heads_opt_state=heads_opt), metrics
+
+
+def _guarded_update(tx, grads, opt_state, params, losses: dict):
+    """(params, opt_state, finite, {'grad_norm', 'update_norm'}) after one ``tx`` update, or the inputs as they
+    were when a loss or the gradient is NaN/Inf: such an update is not applied (the step counter and PRNG move
+    on, so the next step draws fresh noise); the loop counts these steps."""
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(grad_norm)
+    for loss in jax.tree.leaves(losses):
+        finite = finite & jnp.isfinite(loss)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    new_params, new_opt = jax.tree.map(keep, (new_params, new_opt), (params, opt_state))
+    return new_params, new_opt, finite, {"grad_norm": grad_norm,
+                                         "update_norm": jnp.where(finite, optax.global_norm(updates), 0.0)}
 
 
 def build_train_step(cfg, frozen: FrozenPipeline, schedule: NoiseSchedule) -> TrainStep:
@@ -328,15 +418,20 @@ def build_train_step(cfg, frozen: FrozenPipeline, schedule: NoiseSchedule) -> Tr
 
     cfg fields used: solver.num_steps, target.{kind, k_min, k_max, bound, eta, pcm_phases},
     guidance.{w_min, w_max, rho, mode}, loss.{kind, huber_c}, optim.{lr, b1, b2, eps, weight_decay,
-    grad_clip, schedule, warmup_steps}, num_train_steps, ema_decay, batch.{global_batch, grad_accum}.
+    grad_clip, schedule, warmup_steps}, num_train_steps, ema_decay, batch.{global_batch, grad_accum},
+    adv.{enabled, g_weight, lr, b1, b2, eps, weight_decay, grad_clip, window}.
     """
     validate(cfg, num_devices=frozen.mesh.size, check_pipeline=False, check_data=False)
     if cfg.guidance.mode == "official" and "empty_prompt" not in frozen.params:
         raise ValueError("config guidance.mode='official' needs the encoded empty caption: load the frozen "
                          "pipeline with the same config")
-    tx, lr = make_optimizer(cfg.optim, int(cfg.num_train_steps))
+    adversary = Adversary.build(cfg, frozen, schedule) if cfg.adv.enabled else None
+    # With the adversary the LoRA is updated on every other step only, and its schedule counts those updates.
+    g_steps = int(cfg.num_train_steps) // 2 if adversary else int(cfg.num_train_steps)
+    tx, lr = make_optimizer(cfg.optim, max(g_steps, 1))
     return TrainStep(cfg=cfg, frozen=frozen, schedule=schedule,
-                     rule=TargetRule.from_config(cfg, schedule.num_train_timesteps), tx=tx, lr_schedule=lr)
+                     rule=TargetRule.from_config(cfg, schedule.num_train_timesteps), tx=tx, lr_schedule=lr,
+                     adversary=adversary)
 
 
 def compiled_analysis(compiled) -> dict:
