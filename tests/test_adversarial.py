@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 from _step_setup import cached_batch, save_step_pipeline, setup, step_config
+from _trainer_runs import red_cat_folder, scalars
 from flax import nnx
-from PIL import Image
 
 from tdd_jax.conditioning import Cond
 from tdd_jax.models.unet import UNet2DConditionModel
@@ -263,13 +263,7 @@ def test_resume_is_bit_exact_with_the_heads(adv, batch, tmp_path):
 @pytest.mark.slow  # a trainer start-up and compile in a subprocess: 465 s on the loaded 2-core machine
 def test_tdd_tiny_adv_config_trains(tiny_pipeline_dir, tmp_path):
     """``configs/tdd_tiny.py:tdd_adv`` through the trainer's command line, on the random tiny pipeline."""
-    data = tmp_path / "data"
-    data.mkdir()
-    image = np.full((16, 16, 3), 255, np.uint8)
-    image[4:12, 4:12] = (220, 30, 30)
-    for i in range(4):
-        Image.fromarray(image).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text("a red cat")
+    data = red_cat_folder(tmp_path / "data", 4)
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "tdd_jax.train", "--config=configs/tdd_tiny.py:tdd_adv", f"--workdir={workdir}",
            f"--config.pipeline_dir={tiny_pipeline_dir}", "--config.resolution=16", "--config.data.source=folder",
@@ -286,19 +280,6 @@ def test_tdd_tiny_adv_config_trains(tiny_pipeline_dir, tmp_path):
     assert [logged["d_step"][s] for s in (1, 2, 3, 4)] == [1, 0, 1, 0]  # D first, as the official code
     assert (workdir / "checkpoints" / "4").is_dir()
 
-
-def scalars(workdir) -> dict[str, dict[int, float]]:
-    """tag -> {step: value} of the TensorBoard event files the trainer wrote."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.util.tensor_util import make_ndarray
-
-    out: dict[str, dict[int, float]] = {}
-    for path in sorted(Path(workdir).glob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                if value.HasField("tensor") and not value.tensor.tensor_shape.dim:
-                    out.setdefault(value.tag, {})[event.step] = make_ndarray(value.tensor).item()
-    return out
 
 
 def test_checkpoint_from_before_the_heads_restores(tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _trainer_runs import red_cat_folder, scalars
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,13 +28,7 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def setup(tiny_pipeline_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("train_loop")
-    data = root / "data"
-    data.mkdir()
-    image = np.full((16, 16, 3), 255, np.uint8)
-    image[4:12, 4:12] = (220, 30, 30)
-    for i in range(16):
-        Image.fromarray(image).save(data / f"{i:02d}.png")
-        (data / f"{i:02d}.txt").write_text("a red cat")
+    data = red_cat_folder(root / "data", 16)
     overrides = [
         f"--config.pipeline_dir={tiny_pipeline_dir}", "--config.resolution=16", "--config.data.source=folder",
         f"--config.data.path={data}", "--config.data.num_threads=1", "--config.batch.global_batch=8",
@@ -69,16 +64,7 @@ def run(setup, workdir, *extra, timeout=900) -> str:
 
 def losses(workdir) -> dict[int, float]:
     """Per-step losses from the TensorBoard event files (float32, exactly as computed)."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.util.tensor_util import make_ndarray
-
-    out = {}
-    for path in sorted(Path(workdir).glob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                if value.tag == "loss":
-                    out[event.step] = make_ndarray(value.tensor).item()
-    return out
+    return scalars(workdir)["loss"]
 
 
 @pytest.fixture(scope="module")
