@@ -120,6 +120,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num_prompts", type=int, default=256, help="prompts (one seed each) per cell")
     parser.add_argument("--train_steps", type=int, help="distillation steps (default: the tiny config's)")
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--grid_prompts", type=int, default=2, help="prompts (grid rows) per table row in grid.png")
     parser.add_argument("--published_gamma", action="store_true",
                         help="also rows with each method's published sampler γ (the main rows all use γ = 0)")
     parser.add_argument("--quick", action="store_true",
@@ -171,10 +172,10 @@ def main(argv=None) -> None:
                                     teacher=teacher, kid_subset_size=subset)
             results.append({"row": row["label"], "steps": n, **score})
     teacher_score = evaluate_images(extractor, teacher, reference, captions=prompts, kid_subset_size=subset)
-    write_outputs(args.out, table, steps, results, teacher_score, samples, prompts)
+    write_outputs(args.out, table, steps, results, teacher_score, samples, prompts, args.grid_prompts)
 
 
-def write_outputs(out: Path, table, steps, results, teacher_score, samples, prompts) -> None:
+def write_outputs(out: Path, table, steps, results, teacher_score, samples, prompts, grid_prompts: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(json.dumps({"results": results, "teacher": teacher_score}, indent=1))
     with open(out / "table.csv", "w", newline="") as f:
@@ -197,7 +198,7 @@ def write_outputs(out: Path, table, steps, results, teacher_score, samples, prom
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
-    shown = min(4, len(prompts))
+    shown = min(grid_prompts, len(prompts))
     grid_rows, labels = [], []
     blank = np.full_like(next(iter(samples.values()))[0], 255)
     for row in table:

@@ -391,3 +391,30 @@ def test_worker_processes_give_the_same_batches_and_portable_state(tmp_path):
     resumed = make_train_iterator(cfg, process_index=0, process_count=1)
     resumed.set_state(state)
     _assert_batches_equal(expected, actual + _take(resumed, 3))
+
+
+def test_fixed_time_ids_reach_the_unet(tmp_path):
+    """The loader's fixed time ids are what the step conditions the student on, and the UNet's output depends on
+    them (so the option changes training, not just a logged field)."""
+    import jax
+    from _step_setup import cached_batch, save_step_pipeline, setup, step_config
+
+    from tdd_jax.conditioning import unet_output
+    from tdd_jax.data.preprocess import fixed_time_ids
+    from tdd_jax.training import sharding
+
+    pipeline_dir = save_step_pipeline(tmp_path / "pipeline")
+    frozen, step = setup(step_config(), pipeline_dir, sharding.make_mesh(1, 1, jax.devices()[:1]), encoders=False)
+    real = cached_batch()
+    real["time_ids"] = np.tile(np.float32([30, 40, 3, 5, 16, 16]), (len(real["time_ids"]), 1))
+    fixed = dict(real, time_ids=np.stack([fixed_time_ids({"time_ids": t}, 16)["time_ids"] for t in real["time_ids"]]))
+    keys = jax.random.split(jax.random.PRNGKey(0), len(real["latents"]))
+    lora = step.init_state(jax.random.PRNGKey(0)).lora
+    outputs = []
+    for batch in (real, fixed):
+        x0, cond = step._inputs(frozen.params, batch, keys)
+        np.testing.assert_array_equal(np.asarray(cond.time_ids), batch["time_ids"])
+        t = np.full((len(x0),), 500, np.int32)
+        outputs.append(np.asarray(unet_output(frozen.unet(frozen.params, lora), x0, t, cond)))
+    np.testing.assert_array_equal(fixed["time_ids"], [[16, 16, 0, 0, 16, 16]] * len(fixed["time_ids"]))
+    assert np.abs(outputs[0] - outputs[1]).max() > 1e-4
