@@ -178,9 +178,8 @@ def _run(cfg, workdir: epath.Path, watch: PreemptionWatch, writer, checkpoints: 
     history: list[tuple[int, dict]] = []
     guard = NonFiniteGuard(cfg.max_nonfinite_steps)
     previous = None
-    batch = select_batch(next(data))
-    check_batch(batch, spec)
-    batch = _device_batch(mesh, batch)
+    batch = _device_batch(mesh, next(data))
+    check_batch(batch, spec)  # global arrays: every process's share together
     while True:
         with jax.transfer_guard("disallow"):  # every input is already on device: an implicit copy is a bug
             state, metrics = compiled.fn(state, frozen.params, batch)
