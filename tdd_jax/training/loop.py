@@ -2,8 +2,8 @@
 
 Order of start-up is chosen so that mistakes cost little: the config is validated, the pipeline loaded and an
 existing checkpoint restored (an unreadable one is an error) before the step is compiled, from the config's
-shapes while the data pipeline starts. The loop then never
-waits on the device except to log: per-step metrics stay on device and are fetched every ``log_every`` steps,
+shapes while the data pipeline starts. The loop then never waits on the device except to log: per-step
+metrics stay on device and are fetched every ``log_every`` steps,
 then written for every step (scalars) and for the interval (per-sample histograms, e.g. the sampled target
 timesteps). SIGTERM (TPU preemption, ``kill``) lets the step in flight finish, saves, and returns normally; on
 several processes JAX's preemption sync point makes every host stop at the same step.
