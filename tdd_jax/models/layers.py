@@ -14,6 +14,7 @@ There is no global LoRA switch: the base model is the same architecture built wi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -31,7 +32,9 @@ class ModelOptions:
     """Numerics and memory policy shared by all layers of a model.
 
     dtype: compute dtype (activations, matmuls); param_dtype: storage dtype of weights.
-    attention_impl: passed to ``jax.nn.dot_product_attention`` (None = XLA chooses, 'cudnn' on GPUs).
+    attention_impl: None/'xla'/'cudnn' are passed to ``jax.nn.dot_product_attention`` (None = XLA chooses,
+    'cudnn' on GPUs); 'splash' runs the Pallas TPU splash-attention kernel (interpret mode off TPU), see
+    ``attention``.
     remat: policy name for gradient checkpointing of resnet/transformer blocks (see ``REMAT_POLICIES``).
     """
 
@@ -212,10 +215,74 @@ class Placeholder(nnx.Module):
         return x
 
 
+# Whether the 'splash' attention kernel runs in Pallas interpret mode. None (the default) decides per call:
+# interpret unless ``jax.default_backend() == "tpu"``. Tests or a debugging session may set it to True/False.
+SPLASH_INTERPRET: bool | None = None
+SPLASH_BLOCK_SIZES = (512, 256, 128)  # tried in this order; lengths are padded to a multiple of the last
+
+
+def _splash_interpret() -> bool:
+    return jax.default_backend() != "tpu" if SPLASH_INTERPRET is None else bool(SPLASH_INTERPRET)
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(heads: int, tq: int, tk: int, causal: bool, interpret: bool):
+    """The splash MHA kernel for one (heads, padded tq, padded tk, causal) shape, with forward and backward
+    block sizes set (so ``jax.grad`` runs the Pallas dq/dkv kernels too). Built under
+    ``ensure_compile_time_eval`` so the cached mask-info arrays are constants, never tracers of the trace that
+    first asked for them."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sak
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sam
+
+    bq = next(b for b in SPLASH_BLOCK_SIZES if tq % b == 0)
+    bk = next(b for b in SPLASH_BLOCK_SIZES if tk % b == 0)
+    sizes = sak.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+                           block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+    head_mask = sam.CausalMask((tq, tk)) if causal else sam.FullMask((tq, tk))
+    with jax.ensure_compile_time_eval():
+        return sak.make_splash_mha(sam.MultiHeadMask([head_mask] * heads), block_sizes=sizes, head_shards=1,
+                                   q_seq_shards=1, interpret=interpret)
+
+
+def _splash_attention(q, k, v, *, is_causal: bool):
+    """Splash attention on (B, T, N, H) q and (B, S, N, H) k/v; returns (B, T, N, H) in q's dtype.
+
+    The kernel takes (heads, seq, head_dim) per example (vmapped over the batch) and does not scale the logits,
+    so q is multiplied by 1/sqrt(H) here (in fp32, then cast back to q's dtype; exact for H = 64 in bf16). Logits,
+    softmax and the output accumulator are fp32 inside the kernel, as in ``jax.nn.dot_product_attention``.
+    T and S are zero-padded to a multiple of 128 (the smallest block). Padded keys get segment id 1 and every
+    query segment id 0, so no query attends to them; padded queries attend to the real keys (never an empty
+    row) and their outputs are sliced off. Causal masking is the kernel's ``CausalMask`` (top-left aligned,
+    like ``is_causal`` of ``jax.nn.dot_product_attention``).
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sak
+
+    b, tq, n, hd = q.shape
+    tk = k.shape[1]
+    last = SPLASH_BLOCK_SIZES[-1]
+    tqp, tkp = -(-tq // last) * last, -(-tk // last) * last
+    scale = 1.0 / math.sqrt(hd)
+    q = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    # (B, T, N, H) -> (B, N, T, H), sequence padded at the end.
+    q, k, v = (jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, p - x.shape[1]), (0, 0)))
+               for x, p in ((q, tqp), (k, tkp), (v, tkp)))
+    kernel = _splash_kernel(n, tqp, tkp, bool(is_causal), _splash_interpret())
+    if tkp != tk:
+        seg = sak.SegmentIds(q=jnp.zeros((tqp,), jnp.int32), kv=(jnp.arange(tkp) >= tk).astype(jnp.int32))
+        out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(q, k, v, seg)
+    else:
+        out = jax.vmap(kernel)(q, k, v)
+    return out[:, :, :tq].transpose(0, 2, 1, 3)
+
+
 def attention(q, k, v, *, heads: int, impl: str | None, mask=None, is_causal: bool = False):
     """Multi-head scaled dot-product attention on (B, T, heads*head_dim) tensors.
 
-    Runs through ``jax.nn.dot_product_attention`` so a GPU can select cuDNN flash attention by ``impl``.
+    ``impl`` None/'xla'/'cudnn' runs ``jax.nn.dot_product_attention`` (a GPU can select cuDNN flash attention).
+    ``impl='splash'`` runs the Pallas TPU splash-attention kernel (``_splash_attention``; any T, S and
+    head_dim, lengths padded to the block size), in Pallas interpret mode off TPU (see ``SPLASH_INTERPRET``) so
+    CPU tests exercise the same kernel code. An explicit ``mask`` is not expressed in splash's static masks:
+    such a call falls back to XLA attention (no call site in this package passes one today).
     """
     b, tq, d = q.shape
     tk = k.shape[1]
@@ -223,7 +290,11 @@ def attention(q, k, v, *, heads: int, impl: str | None, mask=None, is_causal: bo
     q = q.reshape(b, tq, heads, hd)
     k = k.reshape(b, tk, heads, hd)
     v = v.reshape(b, tk, heads, hd)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
+    if impl == "splash" and mask is None:
+        out = _splash_attention(q, k, v, is_causal=is_causal)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                           implementation=None if impl == "splash" else impl)
     return out.reshape(b, tq, d)
 
 

@@ -23,7 +23,7 @@ DEFAULT_TIMESTEPS = 1000  # SDXL's, for checks that run without the pipeline fol
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: CPU numerics checks (needs jax_enable_x64)
 LOSS_KINDS = ("huber", "l2")
 LR_SCHEDULES = ("constant", "warmup", "cosine")
-ATTENTION_IMPLS = (None, "xla", "cudnn")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "splash")  # splash: Pallas TPU kernel (models.layers.attention)
 # Components of a diffusers SDXL folder the trainer reads, with the file that must exist in each.
 PIPELINE_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
                   "text_encoder_2/config.json", "tokenizer/vocab.json", "tokenizer_2/vocab.json",
