@@ -31,8 +31,7 @@ CASES = [
 
 def _qkv(tq, tk, heads, hd, dtype=jnp.float32, batch=2, seed=0):
     kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(kq, (batch, tq, heads * hd), dtype), jax.random.normal(kk, (batch, tk, heads * hd), dtype),
-            jax.random.normal(kv, (batch, tk, heads * hd), dtype))
+    return tuple(jax.random.normal(key, (batch, t, heads * hd), dtype) for key, t in ((kq, tq), (kk, tk), (kv, tk)))
 
 
 def _attn(impl, heads, causal):
