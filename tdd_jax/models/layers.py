@@ -36,12 +36,16 @@ class ModelOptions:
     'cudnn' on GPUs); 'splash' runs the Pallas TPU splash-attention kernel (interpret mode off TPU), see
     ``attention``.
     remat: policy name for gradient checkpointing of resnet/transformer blocks (see ``REMAT_POLICIES``).
+    scan_blocks: run the identical transformer blocks of each ``Transformer2DModel`` as one ``lax.scan`` over
+    their stacked weights instead of unrolled, so the compiler sees one block per stack, not SDXL's 70 (the
+    compile-time and compile-memory lever for pod-scale programs; same math, parameter layout unchanged).
     """
 
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: str | None = None
     remat: str = "none"
+    scan_blocks: bool = False
 
 
 REMAT_POLICIES = {

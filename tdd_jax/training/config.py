@@ -69,6 +69,7 @@ FIELDS = {
     "model.param_dtype": DTYPES,
     "model.remat": tuple(REMAT_POLICIES),
     "model.attention_impl": ATTENTION_IMPLS,
+    "model.scan_blocks": bool,
     "mesh.data": int,
     "mesh.fsdp": int,
     "mesh.min_shard_size": int,

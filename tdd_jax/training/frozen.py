@@ -33,12 +33,13 @@ ENCODERS = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithPr
 
 
 def model_options(model_cfg) -> ModelOptions:
-    """ModelOptions from ``cfg.model`` (dtype, param_dtype, remat, attention_impl; checked by ``config.validate``)."""
+    """ModelOptions from ``cfg.model`` (dtype, param_dtype, remat, attention_impl, scan_blocks; checked by
+    ``config.validate``)."""
     remat = model_cfg.remat
     if isinstance(remat, bool):  # remat on/off switch: on = checkpoint every block
         remat = "full" if remat else "none"
     return ModelOptions(dtype=jnp.dtype(model_cfg.dtype), param_dtype=jnp.dtype(model_cfg.param_dtype),
-                        attention_impl=model_cfg.attention_impl, remat=remat)
+                        attention_impl=model_cfg.attention_impl, remat=remat, scan_blocks=model_cfg.scan_blocks)
 
 
 def lora_config(lora_cfg) -> LoRAConfig:
