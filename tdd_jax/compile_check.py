@@ -11,6 +11,13 @@ and both programs are lowered and compiled by the real TPU compiler for a named 
 for N fake CPU devices (``--topology=cpu:8``). Printed and written as JSON: per-device argument / temp / output
 bytes against the device's HBM, XLA's FLOPs, the roofline time (FLOPs ÷ peak bf16 FLOP/s) and the implied
 images/s, with the mesh, sharding and remat settings used.
+
+FLOPs: XLA's ``cost_analysis()`` counts a while loop's body once, and these programs loop (the sampler's steps,
+``model.scan_blocks``), so the FLOPs behind the roofline are counted from the program's jaxpr
+(``tdd_jax.flops``: matmuls and convolutions, scans times their length); XLA's own figure is printed beside
+it. The train step's count is set against the analytic minimum of one TDD step, built from the UNet's own
+forward and backward counts: student forward + backward to the LoRA (B), the teacher's CFG forward without
+LoRA (2B), the target's forward (B); what remat recomputes is counted separately.
 """
 
 from __future__ import annotations
@@ -29,9 +36,10 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from tdd_jax.conditioning import Cond
+from tdd_jax.conditioning import Cond, unet_output
 from tdd_jax.diffusion.sampler import SamplerSettings
 from tdd_jax.diffusion.schedule import NoiseSchedule
+from tdd_jax.flops import function_flops
 from tdd_jax.models.clip import SDXL_TEXT_ENCODER_2_CONFIG, SDXL_TEXT_ENCODER_CONFIG
 from tdd_jax.models.unet import SDXL_UNET_CONFIG
 from tdd_jax.models.vae import SDXL_VAE_CONFIG, AutoencoderKL
@@ -39,7 +47,8 @@ from tdd_jax.render import render
 from tdd_jax.training import sharding
 from tdd_jax.training.frozen import (ENCODERS, FrozenPipeline, lora_config, min_shard_size, model_options,
                                      unet_definitions)
-from tdd_jax.training.step import batch_spec, build_train_step, compile_train_step, compiled_analysis, vae_factor
+from tdd_jax.training.step import (batch_spec, build_train_step, compile_train_step, compiled_analysis, select_batch,
+                                   vae_factor)
 
 GiB = 2**30
 
@@ -137,12 +146,69 @@ def abstract_frozen(cfg, mesh: Mesh, configs: dict[str, dict], *, encoders: bool
                           min_shard_size=min_size)
 
 
+def _cond_spec(configs: dict, batch: int, dtype) -> Cond:
+    f, unet = jax.ShapeDtypeStruct, configs["unet"]
+    return Cond(f((batch, int(configs["text_encoder"]["max_position_embeddings"]), unet["cross_attention_dim"]),
+                  dtype),
+                f((batch, configs["text_encoder_2"]["projection_dim"]), dtype), f((batch, 6), jnp.float32))
+
+
+def analytic_step_flops(cfg, configs: dict, lora_shapes) -> dict:
+    """The least matmul/conv work of one TDD step on the global batch B, from the UNet's own counts (remat off):
+    {'student_forward_backward', 'teacher_cfg_forward', 'target_forward', 'minimum'}."""
+    opts = dataclasses.replace(model_options(cfg.model), remat="none")
+    graphdefs, base, _ = unet_definitions(configs["unet"], opts, lora_config(cfg.lora))
+    b, side = int(cfg.batch.global_batch), int(cfg.resolution) // vae_factor(configs["vae"])
+    f = jax.ShapeDtypeStruct
+
+    def inputs(n):
+        return (f((n, side, side, configs["unet"]["in_channels"]), jnp.float32), f((n,), jnp.int32),
+                _cond_spec(configs, n, opts.dtype))
+
+    def student(lora, base, x, t, cond):
+        return unet_output(nnx.merge(graphdefs["unet"], lora, base), x, t, cond)
+
+    def teacher(base, x, t, cond):
+        return unet_output(nnx.merge(graphdefs["teacher"], base), x, t, cond)
+
+    loss_grad = jax.grad(lambda lora, *args: jnp.sum(student(lora, *args)))
+    parts = {"student_forward_backward": function_flops(loss_grad, lora_shapes, base, *inputs(b)),
+             "teacher_cfg_forward": function_flops(teacher, base, *inputs(2 * b)),
+             "target_forward": function_flops(student, lora_shapes, base, *inputs(b))}
+    return {**parts, "minimum": sum(parts.values())}
+
+
+def step_flops(cfg, frozen: FrozenPipeline, configs: dict, step, batch: dict) -> dict:
+    """The step's counted FLOPs on the global batch beside its analytic minimum: {'counted', 'remat_recompute',
+    'analytic': analytic_step_flops, 'ratio': (counted - remat_recompute) / minimum}."""
+    def counted(step):
+        return function_flops(step.step_fn, step.abstract_state(), frozen.params, batch)
+
+    total = counted(step)
+    if str(cfg.model.remat) == "none":
+        no_remat = total
+    else:
+        cfg_none = cfg.copy_and_resolve_references()
+        cfg_none.model.remat = "none"
+        no_remat = counted(build_train_step(cfg_none, abstract_frozen(cfg_none, frozen.mesh, configs,
+                                                                       encoders=frozen.has_encoders),
+                                            step.schedule))
+    analytic = analytic_step_flops(cfg, configs, step.abstract_state().lora)
+    return {"counted": total, "remat_recompute": total - no_remat, "analytic": analytic,
+            "ratio": no_remat / analytic["minimum"]}
+
+
 def compile_step(cfg, frozen: FrozenPipeline, configs: dict, batch_kind: str = "pixels") -> dict:
-    """Compile the TDD train step for ``frozen``'s mesh; memory, FLOPs and compile seconds."""
+    """Compile the TDD train step for ``frozen``'s mesh; memory, FLOPs (per device: counted, and XLA's own),
+    the FLOP accounting against the analytic minimum (global), and compile seconds."""
     start = time.perf_counter()
     step = build_train_step(cfg, frozen, NoiseSchedule.from_config(SDXL_SCHEDULER_CONFIG))
-    compiled = compile_train_step(step, batch_spec(cfg, configs, batch_kind))
-    return {"memory": compiled.memory, "flops": compiled.flops, "compile_s": time.perf_counter() - start,
+    batch = batch_spec(cfg, configs, batch_kind)
+    compiled = compile_train_step(step, batch)
+    compile_s = time.perf_counter() - start
+    accounting = step_flops(cfg, frozen, configs, step, select_batch(batch))
+    return {"memory": compiled.memory, "flops": accounting["counted"] / frozen.mesh.size,
+            "xla_flops": compiled.flops, "flop_accounting": accounting, "compile_s": compile_s,
             "images": int(cfg.batch.global_batch)}
 
 
@@ -166,8 +232,11 @@ def compile_sampler(cfg, frozen: FrozenPipeline, configs: dict, batch: int, sett
     ids = f((batch, 77), jnp.int32, sharding=data)
     args = (frozen.params, ids, ids, f((batch, 6), jnp.float32, sharding=data), f((batch,), jnp.uint32, sharding=data))
     compiled = jax.jit(render_batch, out_shardings=data).lower(*args).compile()
-    return {**compiled_analysis(compiled), "compile_s": time.perf_counter() - start, "images": batch,
-            "steps": settings.num_steps, "cfg": settings.uses_cfg}
+    compile_s = time.perf_counter() - start
+    analysis = compiled_analysis(compiled)
+    return {"memory": analysis["memory"], "flops": function_flops(render_batch, *args) / mesh.size,
+            "xla_flops": analysis["flops"], "compile_s": compile_s, "images": batch, "steps": settings.num_steps,
+            "cfg": settings.uses_cfg}
 
 
 def roofline(result: dict, hbm: int | None, peak: float | None) -> dict:
@@ -217,11 +286,19 @@ def format_report(report: dict) -> str:
         r, m = report[part], report[part]["memory"]
         hbm = f" of {r['hbm_bytes'] / GiB:.1f} GiB HBM ({'fits' if r['fits'] else 'DOES NOT FIT'})" \
             if "hbm_bytes" in r else ""
-        speed = (f", roofline {r['roofline_s'] * 1e3:.0f} ms = {r['roofline_images_per_s']:.2f} images/s" if "roofline_s" in r else "")
-        flops = "n/a" if r["flops"] is None else f"{r['flops']:.3e}"
+        speed = (f", roofline {r['roofline_s'] * 1e3:.0f} ms = {r['roofline_images_per_s']:.2f} images/s"
+                 if "roofline_s" in r else "")
+        xla = "n/a" if r["xla_flops"] is None else f"{r['xla_flops']:.3e}"
         lines.append(f"  {part}: {r['images']} images; per device: args {m['argument'] / GiB:.2f} GiB, temp "
                      f"{m['temp'] / GiB:.2f} GiB, out {m['output'] / GiB:.2f} GiB, total {m['total'] / GiB:.2f} "
-                     f"GiB{hbm}; XLA FLOPs {flops}{speed}; compiled in {r['compile_s']:.0f} s")
+                     f"GiB{hbm}; FLOPs {r['flops']:.3e} (XLA's figure, loop bodies once: {xla}){speed}; "
+                     f"compiled in {r['compile_s']:.0f} s")
+        if "flop_accounting" in r:
+            a = r["flop_accounting"]
+            parts = ", ".join(f"{k} {v:.3e}" for k, v in a["analytic"].items() if k != "minimum")
+            lines.append(f"    FLOP accounting (global): counted {a['counted']:.3e} = remat recompute "
+                         f"{a['remat_recompute']:.3e} + {a['counted'] - a['remat_recompute']:.3e}, "
+                         f"{a['ratio']:.3f}x the analytic minimum {a['analytic']['minimum']:.3e} ({parts})")
     return "\n".join(lines)
 
 

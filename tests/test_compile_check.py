@@ -38,6 +38,8 @@ def test_tpu_step_compiles_and_fsdp_splits_the_weights():
         step = report["train_step"]
         assert step["fits"] and step["hbm_bytes"] == 16 * 2**30
         assert step["flops"] > 0 and step["roofline_images_per_s"] > 0
+        accounting = step["flop_accounting"]
+        assert 1.0 <= accounting["ratio"] <= 1.2, accounting  # the program does no more than the TDD step needs
     # Base weights, LoRA and Adam moments are the arguments: 4-way FSDP holds a quarter of the arrays of at least
     # min_shard_size elements; this tiny model's many small ones (norms, biases) stay replicated. Measured:
     # 4,087,296 -> 2,366,976 bytes per chip.
