@@ -74,3 +74,18 @@ def test_scan_refuses_blocks_that_differ():
     unet = _model(ModelOptions(scan_blocks=True), targets=("transformer_blocks.1.attn1.to_q",))
     with pytest.raises(ValueError, match=r"transformer_blocks\.1 differs"):
         unet(*_inputs())
+
+
+def test_scanned_clip_layers_equal_unrolled():
+    """The CLIP encoder under ``scan_blocks`` (all layers but the last scanned, so the penultimate state SDXL
+    reads stays an output) gives the unrolled encoder's states."""
+    from tiny_pipeline import tiny_clip_configs
+
+    from tdd_jax.models.clip import CLIPTextModelWithProjection
+
+    cfg = {**tiny_clip_configs()[1], "num_hidden_layers": 4}
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg["vocab_size"], (2, 9)), jnp.int32)
+    outs = [CLIPTextModelWithProjection(cfg, opts=ModelOptions(scan_blocks=scan), rngs=nnx.Rngs(0))(ids)
+            for scan in (False, True)]
+    for name in ("last_hidden_state", "penultimate_hidden_state", "text_embeds"):
+        np.testing.assert_allclose(getattr(outs[1], name), getattr(outs[0], name), rtol=1e-5, atol=1e-6)

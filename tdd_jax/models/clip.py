@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tdd_jax.models.layers import Embedding, LayerNorm, Linear, ModelOptions, attention, gelu_exact
+from tdd_jax.models.layers import Embedding, LayerNorm, Linear, ModelOptions, attention, gelu_exact, scan_identical
 from tdd_jax.models.loading import build_model, checkpoint_keys, read_config
 
 # transformers' CLIPTextConfig defaults, for keys a config.json leaves out.
@@ -124,13 +124,17 @@ class CLIPEncoderLayer(nnx.Module):
 class CLIPEncoder(nnx.Module):
     def __init__(self, cfg: dict, *, opts: ModelOptions, rngs: nnx.Rngs):
         self.layers = nnx.List([CLIPEncoderLayer(cfg, opts=opts, rngs=rngs) for _ in range(cfg["num_hidden_layers"])])
+        self.scan = opts.scan_blocks
 
     def __call__(self, x):
         """Returns (last layer output, the hidden state before the last layer = transformers' hidden_states[-2])."""
-        previous = x
-        for layer in self.layers:
-            previous, x = x, layer(x)
-        return x, previous
+        *first, last = self.layers
+        if self.scan and len(first) > 1:
+            x = scan_identical(first, CLIPEncoderLayer.__call__, x, name="layers")
+        else:
+            for layer in first:
+                x = layer(x)
+        return last(x), x
 
 
 def _from_pretrained(cls, folder: str | Path, opts: ModelOptions, shardings: Any, prefix: str):

@@ -36,9 +36,10 @@ class ModelOptions:
     'cudnn' on GPUs); 'splash' runs the Pallas TPU splash-attention kernel (interpret mode off TPU), see
     ``attention``.
     remat: policy name for gradient checkpointing of resnet/transformer blocks (see ``REMAT_POLICIES``).
-    scan_blocks: run the identical transformer blocks of each ``Transformer2DModel`` as one ``lax.scan`` over
-    their stacked weights instead of unrolled, so the compiler sees one block per stack, not SDXL's 70 (the
-    compile-time and compile-memory lever for pod-scale programs; same math, parameter layout unchanged).
+    scan_blocks: run the identical transformer blocks of each ``Transformer2DModel`` (and the CLIP encoder
+    layers) as one ``lax.scan`` over their stacked weights instead of unrolled, so the compiler sees one block
+    per stack, not SDXL's 70 (+ 12 + 32): the compile-time and compile-memory lever for pod-scale programs;
+    same math, parameter layout unchanged (``scan_identical``).
     """
 
     dtype: Any = jnp.float32
@@ -67,6 +68,29 @@ def checkpointed(fn, remat: str):
     if remat == "none":
         return fn
     return nnx.remat(fn, policy=REMAT_POLICIES[remat], graph_updates=False)
+
+
+def scan_identical(modules, fn, carry, *args, remat: str = "none", name: str = "layers"):
+    """``carry = fn(module, carry, *args)`` for each of ``modules`` in order, as one ``lax.scan`` over their
+    states stacked on a new leading axis (``ModelOptions.scan_blocks``). The stack is built per call, so each
+    module keeps its own parameters, checkpoint keys and LoRA; the modules must be identical in structure.
+    ``remat`` checkpoints the scan body; ``name`` is the modules' attribute, for the error message."""
+    graphdef = nnx.graphdef(modules[0])
+    states = []
+    for i, module in enumerate(modules):
+        module_graphdef, state = nnx.split(module)
+        if module_graphdef != graphdef:
+            raise ValueError(f"model.scan_blocks: {name}.{i} differs in structure from {name}.0 (e.g. a LoRA on "
+                             "only some of them); scanning needs identical modules")
+        states.append(state)
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+    def body(c, state):
+        return fn(nnx.merge(graphdef, state), c, *args), None
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(body, carry, stacked)[0]
 
 
 def _param_key(rngs: nnx.Rngs):

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tdd_jax.models.layers import (REMAT_POLICIES, Conv2d, GroupNorm, LayerNorm, Linear, ModelOptions, Placeholder,
-                                   attention, checkpointed, gelu_exact, silu)
+from tdd_jax.models.layers import (Conv2d, GroupNorm, LayerNorm, Linear, ModelOptions, Placeholder, attention,
+                                   checkpointed, gelu_exact, scan_identical, silu)
 
 
 def timestep_embedding(t, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0):
@@ -160,34 +159,14 @@ class Transformer2DModel(nnx.Module):
         hs = self.norm(x)
         hs = self.proj_in(hs).reshape(b, h * w, -1)
         if self.scan and len(self.transformer_blocks) > 1:
-            hs = self._scanned_blocks(hs, context)
+            hs = scan_identical(self.transformer_blocks, BasicTransformerBlock.__call__, hs, context,
+                                remat=self.remat, name="transformer_blocks")
         else:
             block = checkpointed(BasicTransformerBlock.__call__, self.remat)
             for tb in self.transformer_blocks:
                 hs = block(tb, hs, context)
         hs = self.proj_out(hs.reshape(b, h, w, -1))
         return hs + x.astype(hs.dtype)
-
-    def _scanned_blocks(self, hs, context):
-        """The blocks as one ``lax.scan`` over their weights stacked on a new leading axis (the stack is built
-        per call, so parameters, checkpoints and LoRA keys keep their per-block layout)."""
-        graphdef = nnx.graphdef(self.transformer_blocks[0])
-        states = []
-        for i, tb in enumerate(self.transformer_blocks):
-            block_graphdef, state = nnx.split(tb)
-            if block_graphdef != graphdef:
-                raise ValueError(f"model.scan_blocks: transformer_blocks.{i} differs in structure from block 0 "
-                                 "(e.g. a LoRA on only some blocks); scan needs identical blocks")
-            states.append(state)
-        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
-
-        def body(carry, state):
-            return nnx.merge(graphdef, state)(carry, context), None
-
-        policy = REMAT_POLICIES[self.remat]
-        if self.remat != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        return jax.lax.scan(body, hs, stacked)[0]
 
 
 class Downsample2D(nnx.Module):
