@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -327,6 +328,7 @@ def main(argv):
     except MissingLibTPU as e:
         raise app.UsageError(str(e)) from e
     report["command_date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    report["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux: KiB
     print(format_report(report))
     if _OUT.value:
         Path(_OUT.value).write_text(json.dumps(report, indent=2))

@@ -7,6 +7,7 @@ import pytest
 from _step_setup import one_level_unet_config, step_config
 from tiny_pipeline import tiny_clip_configs, tiny_vae_config
 
+from launch import compile_table
 from tdd_jax import compile_check
 
 try:
@@ -45,6 +46,9 @@ def test_tpu_step_compiles_and_fsdp_splits_the_weights():
     # 4,087,296 -> 2,366,976 bytes per chip.
     args = [r["train_step"]["memory"]["argument"] for r in (replicated, split)]
     assert args[1] < 0.7 * args[0], args
+    # The README's table is made from these reports.
+    table = "\n".join(compile_table.rows([replicated, split]) + compile_table.accounting([split]))
+    assert table.count("| v5e-4 | 4 | TDD train step |") == 2 and "x** the analytic minimum" in table
 
 
 def test_missing_libtpu_names_the_extra(monkeypatch):
