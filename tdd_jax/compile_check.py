@@ -118,7 +118,7 @@ def abstract_frozen(cfg, mesh: Mesh, configs: dict[str, dict], *, encoders: bool
     def place(shapes):
         return _with_shardings(shapes, sharding.weight_shardings(mesh, shapes, min_size))
 
-    graphdefs, base, new_lora = unet_definitions(configs["unet"], opts, lora_config(cfg.lora))
+    graphdefs, base = unet_definitions(configs["unet"], opts, lora_config(cfg.lora))
     params = {"unet": place(base)}
     for name in ENCODERS if encoders else ():
         graphdefs[name], state = nnx.split(nnx.eval_shape(
@@ -132,26 +132,26 @@ def abstract_frozen(cfg, mesh: Mesh, configs: dict[str, dict], *, encoders: bool
                                                   sharding=rep),
             "pooled_prompt_embeds": jax.ShapeDtypeStruct((pooled,), opts.dtype, sharding=rep)}
     vae = nnx.eval_shape(lambda: AutoencoderKL(configs["vae"], opts=opts, rngs=nnx.Rngs(0)))
-    return FrozenPipeline(mesh=mesh, graphdefs=graphdefs, params=params, new_lora=new_lora,
-                          vae_scaling_factor=vae.scaling_factor, vae_shift_factor=vae.shift_factor,
-                          min_shard_size=min_size)
+    return FrozenPipeline(graphdefs=graphdefs, params=params, unet_config=configs["unet"],
+                          vae_scaling_factor=vae.scaling_factor, vae_shift_factor=vae.shift_factor)
 
 
-def compile_step(cfg, frozen: FrozenPipeline, configs: dict, batch_kind: str = "pixels") -> dict:
-    """Compile the TDD train step for ``frozen``'s mesh; memory, FLOPs and compile seconds."""
+def compile_step(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batch_kind: str = "pixels") -> dict:
+    """Compile the TDD train step on ``mesh`` (``frozen``'s); memory, FLOPs and compile seconds."""
     start = time.perf_counter()
-    step = build_train_step(cfg, frozen, NoiseSchedule.from_config(SDXL_SCHEDULER_CONFIG))
+    step = build_train_step(cfg, frozen, NoiseSchedule.from_config(SDXL_SCHEDULER_CONFIG), mesh)
     compiled = compile_train_step(step, batch_spec(cfg, configs, batch_kind))
     return {"memory": compiled.memory, "flops": compiled.flops, "compile_s": time.perf_counter() - start,
             "images": int(cfg.batch.global_batch)}
 
 
-def compile_sampler(cfg, frozen: FrozenPipeline, configs: dict, batch: int, settings: SamplerSettings) -> dict:
+def compile_sampler(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batch: int,
+                    settings: SamplerSettings) -> dict:
     """Compile prompt encoding, the ``settings.num_steps``-step sampler and the VAE decode at ``cfg.resolution``
     for a global batch of ``batch`` images (``render.render``, as ``TDDPipeline`` runs it: a LoRA is merged into
     the base weights, so the program is the LoRA-free UNet's); memory, FLOPs and compile seconds."""
     start = time.perf_counter()
-    mesh, schedule = frozen.mesh, NoiseSchedule.from_config(SDXL_SCHEDULER_CONFIG)
+    schedule = NoiseSchedule.from_config(SDXL_SCHEDULER_CONFIG)
     side = int(cfg.resolution) // vae_factor(configs["vae"])
     latent_shape = (side, side, configs["vae"]["latent_channels"])
 
@@ -202,9 +202,9 @@ def run(cfg, topology: str, *, configs: dict = SDXL_CONFIGS, batch_kind: str = "
     report: dict[str, Any] = {"topology": topology, "num_devices": len(devices),
                               "settings": settings_summary(cfg, mesh)}
     if train:
-        report["train_step"] = roofline(compile_step(cfg, frozen, configs, batch_kind), hbm, peak)
+        report["train_step"] = roofline(compile_step(cfg, frozen, mesh, configs, batch_kind), hbm, peak)
     if sampler_batch:
-        report["sampler"] = roofline(compile_sampler(cfg, frozen, configs, sampler_batch, settings), hbm, peak)
+        report["sampler"] = roofline(compile_sampler(cfg, frozen, mesh, configs, sampler_batch, settings), hbm, peak)
     return report
 
 
