@@ -123,7 +123,7 @@ def jax_train_step(args, cfg, batch):
 
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
     frozen = load_frozen(args.pipeline, cfg, mesh, encoders=False)
-    step = build_train_step(cfg, frozen, NoiseSchedule.from_pretrained(args.pipeline))
+    step = build_train_step(cfg, frozen, NoiseSchedule.from_pretrained(args.pipeline), mesh)
     placed = sharding.shard_batch(mesh, batch)
     compiled = compile_train_step(step, placed)
     box = {"state": step.init_state(jax.random.PRNGKey(0))}

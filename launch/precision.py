@@ -55,7 +55,7 @@ def variant_outputs(method: str, data_dir: str, compute: str, weights: str, lora
     cfg.model.dtype, cfg.model.param_dtype = compute, weights
     mesh = sharding.make_mesh(1, 1)
     frozen = load_frozen(cfg.pipeline_dir, cfg, mesh)
-    step = build_train_step(cfg, frozen, NoiseSchedule.from_pretrained(cfg.pipeline_dir))
+    step = build_train_step(cfg, frozen, NoiseSchedule.from_pretrained(cfg.pipeline_dir), mesh)
     lora = step.init_state(jax.random.PRNGKey(cfg.seed)).lora
     nnx.replace_by_pure_dict(lora, jax.tree.map(lambda v: jnp.asarray(v, jnp.dtype(weights)), lora_values))
     grad_fn = jax.jit(lambda lora, batch, keys: step._microbatch(lora, lora, frozen.params, batch, keys)[:2])
@@ -85,8 +85,10 @@ def main(argv=None) -> None:
     if args.lora:
         lora_values, _ = restore_lora(args.lora)
     else:  # B = 0 would leave only B's gradients: give B values of a trained adapter's order
-        fresh = build_train_step(cfg, load_frozen(cfg.pipeline_dir, cfg, sharding.make_mesh(1, 1), encoders=False),
-                                 NoiseSchedule.from_pretrained(cfg.pipeline_dir)).init_state(jax.random.PRNGKey(0))
+        mesh = sharding.make_mesh(1, 1)
+        fresh = build_train_step(cfg, load_frozen(cfg.pipeline_dir, cfg, mesh, encoders=False),
+                                 NoiseSchedule.from_pretrained(cfg.pipeline_dir), mesh)
+        fresh = fresh.init_state(jax.random.PRNGKey(0))
         rng = np.random.default_rng(args.seed)
         lora_values = jax.tree.map(lambda v: np.asarray(v) + 0.01 * rng.standard_normal(v.shape).astype(np.float32),
                                    fresh.lora.to_pure_dict())

@@ -128,7 +128,7 @@ def abstract_frozen(cfg, mesh: Mesh, configs: dict[str, dict], *, encoders: bool
     def place(shapes):
         return _with_shardings(shapes, sharding.weight_shardings(mesh, shapes, min_size))
 
-    graphdefs, base, new_lora = unet_definitions(configs["unet"], opts, lora_config(cfg.lora))
+    graphdefs, base = unet_definitions(configs["unet"], opts, lora_config(cfg.lora))
     params = {"unet": place(base)}
     for name in ENCODERS if encoders else ():
         graphdefs[name], state = nnx.split(nnx.eval_shape(
@@ -142,9 +142,8 @@ def abstract_frozen(cfg, mesh: Mesh, configs: dict[str, dict], *, encoders: bool
                                                   sharding=rep),
             "pooled_prompt_embeds": jax.ShapeDtypeStruct((pooled,), opts.dtype, sharding=rep)}
     vae = nnx.eval_shape(lambda: AutoencoderKL(configs["vae"], opts=opts, rngs=nnx.Rngs(0)))
-    return FrozenPipeline(mesh=mesh, graphdefs=graphdefs, params=params, new_lora=new_lora,
-                          vae_scaling_factor=vae.scaling_factor, vae_shift_factor=vae.shift_factor,
-                          min_shard_size=min_size)
+    return FrozenPipeline(graphdefs=graphdefs, params=params, unet_config=configs["unet"],
+                          vae_scaling_factor=vae.scaling_factor, vae_shift_factor=vae.shift_factor)
 
 
 def _cond_spec(configs: dict, batch: int, dtype) -> Cond:
@@ -158,7 +157,7 @@ def analytic_step_flops(cfg, configs: dict, lora_shapes) -> dict:
     """The least matmul/conv work of one TDD step on the global batch B, from the UNet's own counts (remat off):
     {'student_forward_backward', 'teacher_cfg_forward', 'target_forward', 'minimum'}."""
     opts = dataclasses.replace(model_options(cfg.model), remat="none")
-    graphdefs, base, _ = unet_definitions(configs["unet"], opts, lora_config(cfg.lora))
+    graphdefs, base = unet_definitions(configs["unet"], opts, lora_config(cfg.lora))
     b, side = int(cfg.batch.global_batch), int(cfg.resolution) // vae_factor(configs["vae"])
     f = jax.ShapeDtypeStruct
 
@@ -179,7 +178,7 @@ def analytic_step_flops(cfg, configs: dict, lora_shapes) -> dict:
     return {**parts, "minimum": sum(parts.values())}
 
 
-def step_flops(cfg, frozen: FrozenPipeline, configs: dict, step, batch: dict) -> dict:
+def step_flops(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, step, batch: dict) -> dict:
     """The step's counted FLOPs on the global batch beside its analytic minimum: {'counted', 'remat_recompute',
     'analytic': analytic_step_flops, 'ratio': (counted - remat_recompute) / minimum}."""
     def counted(step):
@@ -191,34 +190,34 @@ def step_flops(cfg, frozen: FrozenPipeline, configs: dict, step, batch: dict) ->
     else:
         cfg_none = cfg.copy_and_resolve_references()
         cfg_none.model.remat = "none"
-        no_remat = counted(build_train_step(cfg_none, abstract_frozen(cfg_none, frozen.mesh, configs,
-                                                                       encoders=frozen.has_encoders),
-                                            step.schedule))
+        frozen_none = abstract_frozen(cfg_none, mesh, configs, encoders=frozen.has_encoders)
+        no_remat = counted(build_train_step(cfg_none, frozen_none, step.schedule, mesh))
     analytic = analytic_step_flops(cfg, configs, step.abstract_state().lora)
     return {"counted": total, "remat_recompute": total - no_remat, "analytic": analytic,
             "ratio": no_remat / analytic["minimum"]}
 
 
-def compile_step(cfg, frozen: FrozenPipeline, configs: dict, batch_kind: str = "pixels") -> dict:
-    """Compile the TDD train step for ``frozen``'s mesh; memory, FLOPs (per device: counted, and XLA's own),
+def compile_step(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batch_kind: str = "pixels") -> dict:
+    """Compile the TDD train step on ``mesh`` (``frozen``'s); memory, FLOPs (per device: counted, and XLA's own),
     the FLOP accounting against the analytic minimum (global), and compile seconds."""
     start = time.perf_counter()
-    step = build_train_step(cfg, frozen, NoiseSchedule.from_config(SDXL_SCHEDULER_CONFIG))
+    step = build_train_step(cfg, frozen, NoiseSchedule.from_config(SDXL_SCHEDULER_CONFIG), mesh)
     batch = batch_spec(cfg, configs, batch_kind)
     compiled = compile_train_step(step, batch)
     compile_s = time.perf_counter() - start
-    accounting = step_flops(cfg, frozen, configs, step, select_batch(batch))
-    return {"memory": compiled.memory, "flops": accounting["counted"] / frozen.mesh.size,
+    accounting = step_flops(cfg, frozen, mesh, configs, step, select_batch(batch))
+    return {"memory": compiled.memory, "flops": accounting["counted"] / mesh.size,
             "xla_flops": compiled.flops, "flop_accounting": accounting, "compile_s": compile_s,
             "images": int(cfg.batch.global_batch)}
 
 
-def compile_sampler(cfg, frozen: FrozenPipeline, configs: dict, batch: int, settings: SamplerSettings) -> dict:
+def compile_sampler(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batch: int,
+                    settings: SamplerSettings) -> dict:
     """Compile prompt encoding, the ``settings.num_steps``-step sampler and the VAE decode at ``cfg.resolution``
     for a global batch of ``batch`` images (``render.render``, as ``TDDPipeline`` runs it: a LoRA is merged into
     the base weights, so the program is the LoRA-free UNet's); memory, FLOPs and compile seconds."""
     start = time.perf_counter()
-    mesh, schedule = frozen.mesh, NoiseSchedule.from_config(SDXL_SCHEDULER_CONFIG)
+    schedule = NoiseSchedule.from_config(SDXL_SCHEDULER_CONFIG)
     side = int(cfg.resolution) // vae_factor(configs["vae"])
     latent_shape = (side, side, configs["vae"]["latent_channels"])
 
@@ -260,7 +259,8 @@ def settings_summary(cfg, mesh: Mesh) -> dict:
             "global_batch": g, "grad_accum": accum, "micro_batch_per_device": g / (accum * devices),
             "remat": str(cfg.model.remat), "dtype": str(cfg.model.dtype), "param_dtype": str(cfg.model.param_dtype),
             "attention_impl": cfg.model.attention_impl, "lora_rank": int(cfg.lora.rank),
-            "min_shard_size": min_shard_size(cfg), "resolution": int(cfg.resolution)}
+            "scan_blocks": bool(cfg.model.scan_blocks), "min_shard_size": min_shard_size(cfg),
+            "lora_sharding": str(cfg.mesh.lora_sharding), "resolution": int(cfg.resolution)}
 
 
 def run(cfg, topology: str, *, configs: dict = SDXL_CONFIGS, batch_kind: str = "pixels", sampler_batch: int = 0,
@@ -272,9 +272,9 @@ def run(cfg, topology: str, *, configs: dict = SDXL_CONFIGS, batch_kind: str = "
     report: dict[str, Any] = {"topology": topology, "num_devices": len(devices),
                               "settings": settings_summary(cfg, mesh)}
     if train:
-        report["train_step"] = roofline(compile_step(cfg, frozen, configs, batch_kind), hbm, peak)
+        report["train_step"] = roofline(compile_step(cfg, frozen, mesh, configs, batch_kind), hbm, peak)
     if sampler_batch:
-        report["sampler"] = roofline(compile_sampler(cfg, frozen, configs, sampler_batch, settings), hbm, peak)
+        report["sampler"] = roofline(compile_sampler(cfg, frozen, mesh, configs, sampler_batch, settings), hbm, peak)
     return report
 
 

@@ -28,16 +28,12 @@ from tdd_jax.diffusion.sampler import SamplerSettings
 from tdd_jax.diffusion.schedule import NoiseSchedule
 from tdd_jax.models import lora as lora_lib
 from tdd_jax.models import lora_formats
-from tdd_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
+from tdd_jax.models.components import MODELS, load_components
 from tdd_jax.models.layers import ModelOptions
 from tdd_jax.models.loading import read_config
-from tdd_jax.models.unet import UNet2DConditionModel
-from tdd_jax.models.vae import AutoencoderKL
 from tdd_jax.render import OUTPUT_TYPES, render
 from tdd_jax.training import sharding
 
-MODELS = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel,
-          "text_encoder_2": CLIPTextModelWithProjection, "vae": AutoencoderKL}
 COMPONENTS = (*MODELS, *conditioning.TOKENIZER_FOLDERS, "scheduler")
 MAX_SEED = 2**32 - 1
 
@@ -162,8 +158,7 @@ class TDDPipeline:
         geometry = ImageGeometry.from_pretrained(folder)
         mesh = sharding.make_mesh(data=-1, fsdp=1) if mesh is None else mesh
         placed = sharding.replicated(mesh)
-        models = {name: model_cls.from_pretrained(folder / name, opts=opts, shardings=placed)
-                  for name, model_cls in MODELS.items()}
+        models = load_components(folder, opts=opts, shardings=placed)
         lora_info = None if lora is None else load_lora(lora, models, step=lora_step, ema=lora_ema)
         graphdefs, params, loras = {}, {}, {}
         for name, model in models.items():

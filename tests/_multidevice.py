@@ -1,7 +1,9 @@
 """One train step two ways, from the same state and batch; prints a JSON report for test_train_step.py.
 
 - full_1dev: 1 device, the whole batch at once;
-- accum_8dev: 8 simulated CPU devices (mesh data=2 x fsdp=4, everything FSDP-split), 2 accumulated microbatches.
+- accum_8dev: 8 simulated CPU devices (mesh data=2 x fsdp=4, everything FSDP-split), 2 accumulated microbatches;
+- replicated_8dev: the same with ``mesh.lora_sharding='replicated'`` (LoRA and Adam moments whole on every
+  device, base weights still split); plus the state shardings both rules give an adversarial step (no compile).
 Equal results show both that accumulation and that sharding leave the step unchanged (each compile costs
 tens of seconds on a CPU, so the two properties share one comparison).
 Three settings keep the comparison about the plumbing rather than float rounding: the model computes in
@@ -40,10 +42,19 @@ def _is_split(x) -> bool:
     return not x.sharding.is_fully_replicated
 
 
-def run(pipeline_dir: str, devices, grad_accum: int) -> dict:
-    mesh = sharding.make_mesh(2, -1, devices) if len(devices) > 1 else sharding.make_mesh(1, 1, devices)
+def _mesh(devices):
+    return sharding.make_mesh(2, -1, devices) if len(devices) > 1 else sharding.make_mesh(1, 1, devices)
+
+
+def _specs(tree) -> list[str]:
+    """The distinct PartitionSpecs of a tree of shardings, as text ('()': replicated)."""
+    return sorted({str(tuple(s.spec)) for s in jax.tree.leaves(tree)})
+
+
+def run(pipeline_dir: str, devices, grad_accum: int, lora_sharding: str = "fsdp") -> dict:
+    mesh = _mesh(devices)
     cfg = step_config(**{"batch.global_batch": GLOBAL_BATCH, "batch.grad_accum": grad_accum, "optim.lr": 1e-2,
-                         "optim.eps": 1.0, "loss.kind": "l2",
+                         "optim.eps": 1.0, "loss.kind": "l2", "mesh.lora_sharding": lora_sharding,
                          "model.dtype": "float64", "model.param_dtype": "float64"})
     frozen, step = setup(cfg, pipeline_dir, mesh, encoders=False)
     batch = sharding.shard_batch(mesh, cached_batch(GLOBAL_BATCH))
@@ -61,16 +72,30 @@ def run(pipeline_dir: str, devices, grad_accum: int) -> dict:
         "base_leaves": len(jax.tree.leaves(frozen.params)),
         "lora_split": sum(_is_split(x) for x in jax.tree.leaves(state.lora)),
         "moments_split": sum(_is_split(x) for x in jax.tree.leaves(state.opt_state)),
+        "lora_specs": _specs(jax.tree.map(lambda x: x.sharding, state.lora)),
+        "moment_specs": _specs(jax.tree.map(lambda x: x.sharding, state.opt_state)),
         "memory": compiled.memory,
         "flops": compiled.flops,
     }
+
+
+def adversarial_state_specs(pipeline_dir: str, lora_sharding: str) -> dict:
+    """{state field: its leaves' PartitionSpecs} of a TDD-adv step with an EMA on 8 devices (built, not compiled)."""
+    cfg = step_config(**{"adv.enabled": True, "ema_decay": 0.5, "mesh.lora_sharding": lora_sharding,
+                         "batch.global_batch": GLOBAL_BATCH})
+    _, step = setup(cfg, pipeline_dir, _mesh(jax.devices()), encoders=False)
+    shardings = step.state_shardings
+    return {name: _specs(getattr(shardings, name))
+            for name in ("lora", "ema_lora", "opt_state", "heads", "heads_opt_state", "step", "rng")}
 
 
 def main(pipeline_dir: str) -> None:
     if jax.device_count() != 8:
         raise SystemExit(f"expected 8 simulated devices, got {jax.device_count()}")
     one, eight = jax.devices()[:1], jax.devices()
-    report = {"full_1dev": run(pipeline_dir, one, 1), "accum_8dev": run(pipeline_dir, eight, 2)}
+    report = {"full_1dev": run(pipeline_dir, one, 1), "accum_8dev": run(pipeline_dir, eight, 2),
+              "replicated_8dev": run(pipeline_dir, eight, 2, "replicated"),
+              "adv_specs": {rule: adversarial_state_specs(pipeline_dir, rule) for rule in sharding.LORA_SHARDINGS}}
     print("REPORT " + json.dumps(report))
 
 

@@ -83,7 +83,7 @@ def setup(cfg, pipeline_dir, mesh, *, encoders: bool = True):
     from tdd_jax.training.step import build_train_step
 
     frozen = load_frozen(pipeline_dir, cfg, mesh, encoders=encoders)
-    return frozen, build_train_step(cfg, frozen, NoiseSchedule.from_pretrained(pipeline_dir))
+    return frozen, build_train_step(cfg, frozen, NoiseSchedule.from_pretrained(pipeline_dir), mesh)
 
 
 def cached_batch(size: int = BATCH, seed: int = 0) -> dict:

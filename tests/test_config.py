@@ -42,6 +42,7 @@ def test_paper_defaults():
     assert (cfg.guidance.w_min, cfg.guidance.w_max, cfg.guidance.rho) == (3.5, 3.5, 0.2)
     assert (cfg.loss.kind, cfg.loss.huber_c, cfg.optim.lr, cfg.optim.grad_clip) == ("huber", 0.001, 1e-6, 1.0)
     assert (cfg.batch.global_batch, cfg.model.dtype, cfg.model.remat, cfg.ema_decay) == (512, "bfloat16", "full", 0.0)
+    assert (cfg.mesh.fsdp, cfg.mesh.lora_sharding) == (-1, "fsdp")  # base and LoRA state split over every device
 
 
 @pytest.mark.parametrize("scale", ["tdd_sdxl", "tdd_tiny"])
@@ -100,6 +101,7 @@ def test_valid_with_pipeline(cfg):
     (lambda c: c.mesh.update(data=3, fsdp=1), "mesh.data"),
     (lambda c: c.mesh.update(data=3), "mesh.fsdp"),
     (lambda c: c.mesh.update(data=-1, fsdp=-1), "mesh.data"),
+    (lambda c: c.mesh.update(lora_sharding="zero3"), "mesh.lora_sharding"),
     (lambda c: c.lora.update(rank=0), "lora.rank"),
     (lambda c: c.lora.update(rnak=4), "lora.rnak"),
     (lambda c: c.update(ema_decay=1.0), "ema_decay"),

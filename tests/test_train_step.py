@@ -2,8 +2,9 @@
 
 Checks: LoRA-free student = teacher's conditional branch at initialisation; the loss goes down; every target
 rule and both guidance modes run through the one step, from pixels or from cached latents; 8-device FSDP
-sharding with gradient accumulation reproduces the plain one-device step. The multi-device part runs in a
-subprocess (tests/_multidevice.py), started first so that it compiles while the other tests run.
+sharding with gradient accumulation reproduces the plain one-device step, and replicating the LoRA state
+(``mesh.lora_sharding='replicated'``) instead leaves it unchanged. The multi-device part runs in a subprocess
+(tests/_multidevice.py), started first so that it compiles while the other tests run.
 """
 
 import json
@@ -198,7 +199,7 @@ def test_config_errors_name_the_field(tdd):
                              ({"optim.schedule": "exponential"}, "optim.schedule"),
                              ({"target.k_min": 9}, "k_min")]:
         with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-            build_train_step(step_config(**overrides), frozen, step.schedule)
+            build_train_step(step_config(**overrides), frozen, step.schedule, step.mesh)
     with pytest.raises(ValueError, match=r"mesh\.data"):
         sharding.mesh_shape(3, -1, 8)
 
@@ -229,3 +230,25 @@ def test_accumulation_and_eight_devices_match_one_device(multidevice_run):
     assert eight["base_split"] == eight["base_leaves"] and full["base_split"] == 0
     assert eight["lora_split"] > 0 and eight["moments_split"] > 0
     assert eight["memory"]["argument"] < full["memory"]["argument"]
+
+    # mesh.lora_sharding='replicated': the LoRA and its moments whole on every device, the base still split;
+    # the same step to float64 rounding (only the order of the gradient reductions differs).
+    rep = report["replicated_8dev"]
+    assert rep["lora_specs"] == rep["moment_specs"] == ["()"]  # PartitionSpec(): replicated
+    assert rep["lora_split"] == rep["moments_split"] == 0 and rep["base_split"] == rep["base_leaves"]
+    assert rep["tau"] == eight["tau"]
+    assert rep["loss"] == pytest.approx(eight["loss"], rel=1e-12)
+    assert rep["grad_norm"] == pytest.approx(eight["grad_norm"], rel=1e-10)
+    d_rep = _delta(rep)
+    rep_error = np.linalg.norm(d_rep - d_eight) / np.linalg.norm(d_eight)
+    print(f"replicated vs FSDP LoRA state: loss {abs(rep['loss'] / eight['loss'] - 1):.2e}, LoRA update "
+          f"{rep_error:.2e} (relative)")
+    assert rep_error <= 1e-10
+    assert rep["memory"]["argument"] > eight["memory"]["argument"]  # every device holds the whole LoRA state
+
+    # The rule covers all the trained state of a TDD-adv step with an EMA: LoRA, EMA, heads and both optimizers.
+    specs = report["adv_specs"]
+    assert all(v == ["()"] for v in specs["replicated"].values()), specs["replicated"]
+    for name in ("lora", "ema_lora", "opt_state", "heads", "heads_opt_state"):
+        assert any(s != "()" for s in specs["fsdp"][name]), (name, specs["fsdp"][name])
+    assert specs["fsdp"]["step"] == specs["fsdp"]["rng"] == ["()"]

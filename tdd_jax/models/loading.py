@@ -155,12 +155,16 @@ def load_state(abstract_state: nnx.State, source, *, prefix: str = "", shardings
 def build_model(ctor: Callable[[], nnx.Module], source=None, *, shardings=None, **kwargs) -> nnx.Module:
     """Construct ``ctor()`` abstractly and load its weights from ``source`` (no random init is computed).
 
-    With ``source=None`` the model is initialised for real (random weights, e.g. for shape checks).
+    shardings: as ``load_state`` takes them, or a function of the abstract state returning them (a placement
+    rule that needs the shapes, e.g. FSDP by size). With ``source=None`` the model is initialised for real
+    (random weights, e.g. for shape checks).
     """
     if source is None:
         return ctor()
     abstract = nnx.eval_shape(ctor)
     graphdef, state = nnx.split(abstract)
+    if callable(shardings):
+        shardings = shardings(state)
     return nnx.merge(graphdef, load_state(state, source, shardings=shardings, **kwargs))
 
 

@@ -76,6 +76,16 @@ def attach_lora(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs, param_dtype=
     return [p for p, _ in mods]
 
 
+def new_lora(model: nnx.Module, cfg: LoRAConfig, key: jax.Array, param_dtype=jnp.float32) -> nnx.State:
+    """A fresh LoRA state (``attach_lora``: A uniform, B zero) for ``model``'s architecture, drawn from ``key``.
+
+    ``model`` gets the LoRA attached in place, so pass a throwaway one: an abstract model (``nnx.eval_shape``)
+    makes this a LoRA initialiser that never initialises, traces or compiles a base weight.
+    """
+    attach_lora(model, cfg, nnx.Rngs(key), param_dtype)
+    return split_lora(model)[1]
+
+
 def split_lora(model: nnx.Module):
     """(graphdef, lora_state, base_state): gradients and optimizer state only ever see ``lora_state``."""
     return nnx.split(model, LoRAParam, ...)

@@ -16,7 +16,7 @@ import ml_collections
 from tdd_jax.data.config import validate_data_config
 from tdd_jax.diffusion.targets import KINDS, TargetRule
 from tdd_jax.models.layers import REMAT_POLICIES
-from tdd_jax.training.sharding import mesh_shape
+from tdd_jax.training.sharding import LORA_SHARDINGS, mesh_shape
 
 GUIDANCE_MODES = ("decoupled", "official")  # paper: no CFG on empty-prompt samples; official: train_tdd.py
 DEFAULT_TIMESTEPS = 1000  # SDXL's, for checks that run without the pipeline folder
@@ -73,6 +73,7 @@ FIELDS = {
     "mesh.data": int,
     "mesh.fsdp": int,
     "mesh.min_shard_size": int,
+    "mesh.lora_sharding": LORA_SHARDINGS,
     "checkpoint.every": int,
     "checkpoint.keep": int,
     "validation.every": int,

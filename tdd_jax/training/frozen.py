@@ -6,12 +6,15 @@ into the executable as a constant). The UNet has two graphdefs over the one copy
 carries LoRA slots (merged with the online LoRA it is the student, with the EMA LoRA the target network) and
 'teacher' is the same architecture without them, so which model a compiled function runs is in its graph,
 not in a switch read at trace time.
+
+The bundle holds weights and model definitions only: the mesh and the sharding rules are the caller's (passed
+to ``load_frozen`` and to the step), and a fresh LoRA is the train state's (``lora.new_lora`` on
+``abstract_unet``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +24,15 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from tdd_jax import conditioning
-from tdd_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
+from tdd_jax.models.components import MODELS, load_components
 from tdd_jax.models.layers import ModelOptions
-from tdd_jax.models.loading import load_state, read_config, weight_files
+from tdd_jax.models.loading import read_config
 from tdd_jax.models.lora import LoRAConfig, attach_lora, split_lora
 from tdd_jax.models.unet import UNet2DConditionModel
 from tdd_jax.models.vae import AutoencoderKL
 from tdd_jax.training import sharding
 
-ENCODERS = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection, "vae": AutoencoderKL}
+ENCODERS = {name: MODELS[name] for name in ("text_encoder", "text_encoder_2", "vae")}
 
 
 def model_options(model_cfg) -> ModelOptions:
@@ -54,19 +57,16 @@ def min_shard_size(cfg) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class FrozenPipeline:
-    """graphdefs: component name -> nnx graphdef ('unet' with LoRA slots; the encoders when loaded).
-    params: component name -> sharded base-weight state, plus 'empty_prompt' (the encoded "" caption, only in
-    guidance.mode='official'); pass it to the step as ``base_params``.
-    new_lora(key): a fresh LoRA state drawn from key (A uniform, B zero), built on an abstract UNet so that no
-    base weight is ever initialised, traced or compiled."""
+    """graphdefs: component name -> nnx graphdef ('unet' with LoRA slots, 'teacher' without; the encoders when
+    loaded). params: component name -> sharded base-weight state, plus 'empty_prompt' (the encoded "" caption,
+    only in guidance.mode='official'); pass it to the step as ``base_params``. unet_config: the UNet's
+    config.json fields (``abstract_unet`` builds the architecture from it, e.g. to draw a fresh LoRA)."""
 
-    mesh: Mesh
     graphdefs: dict[str, Any]
     params: dict[str, Any]
-    new_lora: Callable[[jax.Array], nnx.State]
+    unet_config: dict[str, Any]
     vae_scaling_factor: float
     vae_shift_factor: float
-    min_shard_size: int
 
     @property
     def has_encoders(self) -> bool:
@@ -117,14 +117,6 @@ class FrozenPipeline:
                              "(load_frozen(..., encoders=False)); pixel/caption batches need them")
 
 
-def _load_component(cls, folder: Path, opts: ModelOptions, mesh: Mesh, min_size: int):
-    """(graphdef, sharded state) of a frozen text encoder or VAE."""
-    config = read_config(folder)
-    abstract = nnx.eval_shape(lambda: cls(config, opts=opts, rngs=nnx.Rngs(0)))
-    shardings = sharding.weight_shardings(mesh, nnx.state(abstract), min_size)
-    return nnx.split(cls.from_pretrained(folder, opts=opts, shardings=shardings))
-
-
 def _encode_prompts(graphdefs: dict, params: dict, input_ids, input_ids_2):
     te1 = nnx.merge(graphdefs["text_encoder"], params["text_encoder"])
     te2 = nnx.merge(graphdefs["text_encoder_2"], params["text_encoder_2"])
@@ -143,24 +135,22 @@ def _empty_prompt(pipeline_dir: Path, graphdefs: dict, params: dict, mesh: Mesh)
     return jax.jit(encode, out_shardings=sharding.replicated(mesh))(text_params)
 
 
+def abstract_unet(unet_config: dict, opts: ModelOptions = ModelOptions()) -> UNet2DConditionModel:
+    """The UNet of ``unet_config`` with abstract weights (``nnx.eval_shape``: nothing initialised or allocated)."""
+    return nnx.eval_shape(lambda: UNet2DConditionModel(unet_config, opts=opts, rngs=nnx.Rngs(0)))
+
+
 def unet_definitions(unet_config: dict, opts: ModelOptions, lora_cfg: LoRAConfig):
-    """({'unet': graphdef with LoRA slots, 'teacher': graphdef without}, base-weight shapes, new_lora(key)), all
-    built abstractly: no base weight is ever initialised, traced or compiled. new_lora draws a fresh LoRA state
-    (A uniform, B zero) on an abstract UNet."""
+    """({'unet': graphdef with LoRA slots, 'teacher': graphdef without}, base-weight shapes), built abstractly: no
+    base weight is ever initialised, traced or compiled. The base state is the same for both graphdefs."""
 
-    def abstract_unet() -> UNet2DConditionModel:
-        return nnx.eval_shape(lambda: UNet2DConditionModel(unet_config, opts=opts, rngs=nnx.Rngs(0)))
-
-    def make_unet(key: jax.Array) -> UNet2DConditionModel:
-        unet = abstract_unet()
-        attach_lora(unet, lora_cfg, nnx.Rngs(key))
+    def lora_unet() -> UNet2DConditionModel:
+        unet = abstract_unet(unet_config, opts)
+        attach_lora(unet, lora_cfg, nnx.Rngs(0))
         return unet
 
-    def new_lora(key: jax.Array) -> nnx.State:
-        return split_lora(make_unet(key))[1]
-
-    graphdef, _, base_shapes = split_lora(nnx.eval_shape(lambda: make_unet(jax.random.key(0))))
-    return {"unet": graphdef, "teacher": nnx.split(abstract_unet())[0]}, base_shapes, new_lora
+    graphdef, _, base_shapes = split_lora(nnx.eval_shape(lora_unet))
+    return {"unet": graphdef, "teacher": nnx.split(abstract_unet(unet_config, opts))[0]}, base_shapes
 
 
 def load_frozen(pipeline_dir: str | Path, cfg, mesh: Mesh, *, encoders: bool = True) -> FrozenPipeline:
@@ -175,16 +165,17 @@ def load_frozen(pipeline_dir: str | Path, cfg, mesh: Mesh, *, encoders: bool = T
     if not pipeline_dir.is_dir():
         raise FileNotFoundError(f"config pipeline_dir={str(pipeline_dir)!r} is not a directory")
     official = cfg.guidance.mode == "official"
-    opts, lora_cfg, min_size = model_options(cfg.model), lora_config(cfg.lora), min_shard_size(cfg)
-    unet_dir = pipeline_dir / "unet"
-    unet_config = read_config(unet_dir)
-
-    graphdefs, base_shapes, new_lora = unet_definitions(unet_config, opts, lora_cfg)
-    params = {"unet": load_state(base_shapes, weight_files(unet_dir),
-                                 shardings=sharding.weight_shardings(mesh, base_shapes, min_size))}
-    wanted = ENCODERS if encoders else (("text_encoder", "text_encoder_2") if official else ())
-    for name in wanted:
-        graphdefs[name], params[name] = _load_component(ENCODERS[name], pipeline_dir / name, opts, mesh, min_size)
+    opts, min_size = model_options(cfg.model), min_shard_size(cfg)
+    unet_config = read_config(pipeline_dir / "unet")
+    graphdefs, _ = unet_definitions(unet_config, opts, lora_config(cfg.lora))
+    wanted = tuple(ENCODERS) if encoders else (("text_encoder", "text_encoder_2") if official else ())
+    models = load_components(pipeline_dir, ("unet", *wanted), opts=opts,
+                             shardings=lambda state: sharding.weight_shardings(mesh, state, min_size))
+    params = {}
+    for name, model in models.items():  # the UNet's own graphdef is graphdefs['teacher']
+        graphdef, params[name] = nnx.split(model)
+        if name != "unet":
+            graphdefs[name] = graphdef
     if official:
         params["empty_prompt"] = _empty_prompt(pipeline_dir, graphdefs, params, mesh)
     if not encoders:
@@ -192,6 +183,5 @@ def load_frozen(pipeline_dir: str | Path, cfg, mesh: Mesh, *, encoders: bool = T
             del graphdefs[name], params[name]
     vae_config = read_config(pipeline_dir / "vae")
     vae = nnx.eval_shape(lambda: AutoencoderKL(vae_config, opts=opts, rngs=nnx.Rngs(0)))  # for its factors
-    return FrozenPipeline(mesh=mesh, graphdefs=graphdefs, params=params, new_lora=new_lora,
-                          vae_scaling_factor=vae.scaling_factor, vae_shift_factor=vae.shift_factor,
-                          min_shard_size=min_size)
+    return FrozenPipeline(graphdefs=graphdefs, params=params, unet_config=unet_config,
+                          vae_scaling_factor=vae.scaling_factor, vae_shift_factor=vae.shift_factor)

@@ -142,7 +142,7 @@ def _run(cfg, workdir: epath.Path, watch: PreemptionWatch, writer, checkpoints: 
     schedule = NoiseSchedule.from_pretrained(cfg.pipeline_dir)
     validating = cfg.validation.every <= cfg.num_train_steps
     frozen = load_frozen(cfg.pipeline_dir, cfg, mesh, encoders=cfg.data.source != "cache" or validating)
-    step_fns = build_train_step(cfg, frozen, schedule)
+    step_fns = build_train_step(cfg, frozen, schedule, mesh)
     data = make_train_iterator(cfg.data, tokenize=None if cfg.data.source == "cache" else tokenizer_fn(
         cfg.pipeline_dir))
     start = checkpoints.latest_step()
@@ -170,7 +170,7 @@ def _run(cfg, workdir: epath.Path, watch: PreemptionWatch, writer, checkpoints: 
     writer.write_scalars(step, {f"compiled/{k}_bytes": v for k, v in compiled.memory.items()}
                          | ({} if compiled.flops is None else {"compiled/flops_per_step": compiled.flops}))
 
-    validator = Validator(cfg, frozen, schedule) if validating else None
+    validator = Validator(cfg, frozen, schedule, mesh) if validating else None
     if validator is not None and step == 0:
         _validate(validator, writer, frozen, state, workdir, 0, is_chief)  # the untrained student, for reference
     progress = periodic_actions.ReportProgress(num_train_steps=cfg.num_train_steps, writer=writer,

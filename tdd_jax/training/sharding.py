@@ -25,6 +25,9 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "weight": FSDP,  # the one dimension of a weight (base, LoRA, EMA, optimizer moments) that FSDP splits
 }
 
+# How the trained state (LoRA, EMA, heads, optimizer moments) is laid out; see ``trainable_shardings``.
+LORA_SHARDINGS = ("fsdp", "replicated")
+
 # Arrays smaller than this (biases, norms, scalars) are replicated: splitting them saves nothing and costs
 # a collective each. Tests lower it to exercise FSDP on tiny models.
 DEFAULT_MIN_SHARD_SIZE = 2**16
@@ -126,6 +129,18 @@ def weight_shardings(mesh: Mesh, tree, min_size: int = DEFAULT_MIN_SHARD_SIZE):
     tree, its EMA and the optimizer moments, so a parameter and its moments always live on the same devices.
     """
     return jax.tree.map(lambda x: weight_sharding(mesh, np.shape(x), min_size), tree)
+
+
+def trainable_shardings(mesh: Mesh, tree, rule: str = "fsdp", min_size: int = DEFAULT_MIN_SHARD_SIZE):
+    """Shardings of trained state (LoRA, its EMA, discriminator heads, their optimizer moments) by
+    ``cfg.mesh.lora_sharding`` (one of ``LORA_SHARDINGS``): 'fsdp', the base weights' ``weight_shardings``
+    size rule; 'replicated', a whole copy on every device (no gather of the LoRA in the forward pass, no
+    scatter of its gradients; costs the state's bytes on every device)."""
+    if rule == "replicated":
+        return jax.tree.map(lambda _: replicated(mesh), tree)
+    if rule != "fsdp":
+        raise ValueError(f"config mesh.lora_sharding={rule!r} is not one of {LORA_SHARDINGS}")
+    return weight_shardings(mesh, tree, min_size)
 
 
 def shard_batch(mesh: Mesh, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:

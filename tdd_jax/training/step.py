@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from tdd_jax.conditioning import Cond, cfg_pair, split_cfg_pair, unet_output, zero_conditioning
 from tdd_jax.diffusion.consistency import consistency_fn, lcm_boundary_fn
@@ -37,10 +38,11 @@ from tdd_jax.diffusion.schedule import NoiseSchedule, expand_like
 from tdd_jax.diffusion.solver import (ddim_step, guide, sample_guidance_weight, solver_prev_timesteps,
                                       solver_timesteps)
 from tdd_jax.diffusion.targets import TargetRule, sample_targets
+from tdd_jax.models.lora import new_lora
 from tdd_jax.training import sharding
 from tdd_jax.training.adversarial import Adversary, hinge_d_loss, hinge_g_loss
 from tdd_jax.training.config import validate
-from tdd_jax.training.frozen import FrozenPipeline
+from tdd_jax.training.frozen import FrozenPipeline, abstract_unet, lora_config, min_shard_size, model_options
 from tdd_jax.training.state import TrainState
 
 # The two kinds of batch the data pipeline yields (other keys, e.g. caption strings, are ignored).
@@ -151,16 +153,19 @@ class CompiledStep(NamedTuple):
 
 @dataclasses.dataclass
 class TrainStep:
-    """The step and its state for one config and frozen pipeline; built by ``build_train_step``.
+    """The step and its state for one config and frozen pipeline on ``mesh``; built by ``build_train_step``.
 
-    init_state(rng) -> TrainState, created sharded. train_step(state, base_params, batch) -> (state, metrics):
-    jitted with the state donated; base_params is ``frozen.params`` and batch a dict of global arrays (see
-    ``sharding.shard_batch``). step_fn is the same function un-jitted. state_shardings / abstract_state():
-    the state's shardings, and its shapes with them (for restoring checkpoints in place).
+    init_state(rng) -> TrainState, created sharded (a fresh LoRA: ``lora.new_lora`` on the abstract UNet, so
+    no base weight is initialised; laid out by ``cfg.mesh.lora_sharding``). train_step(state, base_params,
+    batch) -> (state, metrics): jitted with the state donated; base_params is ``frozen.params`` and batch a
+    dict of global arrays (see ``sharding.shard_batch``). step_fn is the same function un-jitted.
+    state_shardings / abstract_state(): the state's shardings, and its shapes with them (for restoring
+    checkpoints in place).
     """
 
     cfg: Any
     frozen: FrozenPipeline
+    mesh: Mesh
     schedule: NoiseSchedule
     rule: TargetRule
     tx: optax.GradientTransformation
@@ -168,7 +173,7 @@ class TrainStep:
     adversary: Adversary | None = None  # the discriminator when cfg.adv.enabled
 
     def __post_init__(self):
-        mesh = self.frozen.mesh
+        mesh = self.mesh
         self._grid = solver_timesteps(self.rule.num_solver_steps, self.schedule.num_train_timesteps)
         self._prev = solver_prev_timesteps(self.rule.num_solver_steps, self.schedule.num_train_timesteps)
         self._state_shapes = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
@@ -184,7 +189,8 @@ class TrainStep:
 
     def _init_state(self, rng: jax.Array) -> TrainState:
         lora_key, rng = jax.random.split(rng)
-        lora = self.frozen.new_lora(lora_key)
+        lora = new_lora(abstract_unet(self.frozen.unet_config, model_options(self.cfg.model)),
+                        lora_config(self.cfg.lora), lora_key)
         ema = jax.tree.map(jnp.copy, lora) if self.cfg.ema_decay > 0 else None
         heads = heads_opt = None
         if self.adversary is not None:  # its own key, so the LoRA and the step's draws are as without it
@@ -194,10 +200,12 @@ class TrainStep:
                           rng=rng, heads=heads, heads_opt_state=heads_opt)
 
     def _state_shardings(self) -> TrainState:
-        """LoRA, EMA, heads and optimizer moments by the weight rule; step and rng replicated."""
-        mesh, min_size, shapes = self.frozen.mesh, self.frozen.min_shard_size, self._state_shapes
+        """LoRA, EMA, heads and optimizer moments by ``cfg.mesh.lora_sharding`` (``sharding.trainable_shardings``:
+        the base weights' size rule, or replicated); step and rng replicated."""
+        mesh, shapes = self.mesh, self._state_shapes
+        rule, min_size = self.cfg.mesh.lora_sharding, min_shard_size(self.cfg)
         rep = sharding.replicated(mesh)
-        weights = lambda tree: sharding.weight_shardings(mesh, tree, min_size)  # noqa: E731
+        weights = lambda tree: sharding.trainable_shardings(mesh, tree, rule, min_size)  # noqa: E731
         return TrainState(step=rep, rng=rep, lora=weights(shapes.lora), ema_lora=weights(shapes.ema_lora),
                           opt_state=weights(shapes.opt_state), heads=weights(shapes.heads),
                           heads_opt_state=weights(shapes.heads_opt_state))
@@ -335,7 +343,7 @@ class TrainStep:
         devices, since each device keeps its contiguous block of examples.
         """
         size = keys.shape[0]
-        micro_sharding = sharding.microbatched_sharding(self.frozen.mesh)
+        micro_sharding = sharding.microbatched_sharding(self.mesh)
 
         def split(x):
             x = x.reshape((size // accum, accum) + x.shape[1:]).swapaxes(0, 1)
@@ -360,7 +368,7 @@ class TrainStep:
             raise ValueError(f"batch leading sizes {sizes} differ from config batch.global_batch={size}")
         rng, step_key = jax.random.split(state.rng)
         keys = jax.lax.with_sharding_constraint(jax.random.split(step_key, size),
-                                                sharding.batch_sharding(self.frozen.mesh))
+                                                sharding.batch_sharding(self.mesh))
         if self.adversary is None:
             new_state, metrics = self._generator_update(state, base_params, batch, keys, None)
         else:
@@ -412,16 +420,18 @@ def _guarded_update(tx, grads, opt_state, params, losses: dict):
                                          "update_norm": jnp.where(finite, optax.global_norm(updates), 0.0)}
 
 
-def build_train_step(cfg, frozen: FrozenPipeline, schedule: NoiseSchedule) -> TrainStep:
+def build_train_step(cfg, frozen: FrozenPipeline, schedule: NoiseSchedule, mesh: Mesh) -> TrainStep:
     """Validate ``cfg`` (a whole trainer config; ``config.validate`` without the data and pipeline-folder checks,
-    which belong to whoever feeds and loaded the step) and build the jitted step for ``frozen``'s mesh.
+    which belong to whoever feeds and loaded the step) and build the jitted step on ``mesh`` (the one ``frozen``
+    was loaded onto).
 
     cfg fields used: solver.num_steps, target.{kind, k_min, k_max, bound, eta, pcm_phases},
     guidance.{w_min, w_max, rho, mode}, loss.{kind, huber_c}, optim.{lr, b1, b2, eps, weight_decay,
     grad_clip, schedule, warmup_steps}, num_train_steps, ema_decay, batch.{global_batch, grad_accum},
-    adv.{enabled, g_weight, lr, b1, b2, eps, weight_decay, grad_clip, window}.
+    adv.{enabled, g_weight, lr, b1, b2, eps, weight_decay, grad_clip, window}, model.*, lora.*,
+    mesh.{min_shard_size, lora_sharding}.
     """
-    validate(cfg, num_devices=frozen.mesh.size, check_pipeline=False, check_data=False)
+    validate(cfg, num_devices=mesh.size, check_pipeline=False, check_data=False)
     if cfg.guidance.mode == "official" and "empty_prompt" not in frozen.params:
         raise ValueError("config guidance.mode='official' needs the encoded empty caption: load the frozen "
                          "pipeline with the same config")
@@ -429,7 +439,7 @@ def build_train_step(cfg, frozen: FrozenPipeline, schedule: NoiseSchedule) -> Tr
     # With the adversary the LoRA is updated on every other step only, and its schedule counts those updates.
     g_steps = int(cfg.num_train_steps) // 2 if adversary else int(cfg.num_train_steps)
     tx, lr = make_optimizer(cfg.optim, max(g_steps, 1))
-    return TrainStep(cfg=cfg, frozen=frozen, schedule=schedule,
+    return TrainStep(cfg=cfg, frozen=frozen, mesh=mesh, schedule=schedule,
                      rule=TargetRule.from_config(cfg, schedule.num_train_timesteps), tx=tx, lr_schedule=lr,
                      adversary=adversary)
 
@@ -450,7 +460,7 @@ def compiled_analysis(compiled) -> dict:
 def compile_train_step(step: TrainStep, batch_shapes: dict) -> CompiledStep:
     """Lower and compile ``step.train_step`` ahead of time for global batches shaped like ``batch_shapes``
     (arrays or ShapeDtypeStructs), and read XLA's memory and cost analyses for logging."""
-    mesh = step.frozen.mesh
+    mesh = step.mesh
     batch_shapes = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=sharding.batch_sharding(mesh))
                     for k, v in select_batch(batch_shapes).items()}
     compiled = step.train_step.lower(step.abstract_state(), step.frozen.params, batch_shapes).compile()

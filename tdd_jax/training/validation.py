@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
+from jax.sharding import Mesh
 from PIL import Image
 
 from tdd_jax import conditioning
@@ -49,9 +50,9 @@ COMPARISON = "comparison.png"
 
 
 class Validator:
-    """Renders the validation grid of a LoRA; call it on every process (the arrays are global)."""
+    """Renders the validation grid of a LoRA on ``mesh``; call it on every process (the arrays are global)."""
 
-    def __init__(self, cfg, frozen: FrozenPipeline, schedule: NoiseSchedule):
+    def __init__(self, cfg, frozen: FrozenPipeline, schedule: NoiseSchedule, mesh: Mesh):
         if not frozen.has_encoders:
             raise ValueError("validation needs the text encoders and the VAE (load_frozen(..., encoders=True))")
         self._cfg = cfg
@@ -59,7 +60,7 @@ class Validator:
         self._schedule = schedule
         prompts = list(cfg.validation.prompts)
         ids = [conditioning.tokenize(tok, prompts) for tok in conditioning.load_tokenizers(cfg.pipeline_dir)]
-        replicated = sharding.replicated(frozen.mesh)
+        replicated = sharding.replicated(mesh)  # the mesh ``frozen`` was loaded onto
         embeds, pooled = jax.jit(frozen.encode_prompts, out_shardings=replicated)(frozen.params, *ids)
         size = cfg.resolution
         ids_6 = np.tile(conditioning.time_ids((size, size), (0, 0), (size, size)), (len(prompts), 1))
