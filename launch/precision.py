@@ -58,7 +58,11 @@ def variant_outputs(method: str, data_dir: str, compute: str, weights: str, lora
     step = build_train_step(cfg, frozen, NoiseSchedule.from_pretrained(cfg.pipeline_dir), mesh)
     lora = step.init_state(jax.random.PRNGKey(cfg.seed)).lora
     nnx.replace_by_pure_dict(lora, jax.tree.map(lambda v: jnp.asarray(v, jnp.dtype(weights)), lora_values))
-    grad_fn = jax.jit(lambda lora, batch, keys: step._microbatch(lora, lora, frozen.params, batch, keys)[:2])
+    def loss_and_grads(lora, batch, keys):  # the step's own microbatch (no adversary): target = the same LoRA
+        losses, grads, _ = step._microbatch(lora, lora, None, frozen.params, batch, keys, None)
+        return losses["loss"], grads
+
+    grad_fn = jax.jit(loss_and_grads)
     out = []
     for i, batch in enumerate(batches):
         keys = jax.random.split(jax.random.PRNGKey(seed + i), cfg.batch.global_batch)
