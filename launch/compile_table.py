@@ -18,7 +18,7 @@ def _fit(part: dict) -> str:
 
 
 def rows(reports: list[dict]) -> list[str]:
-    head = ["| topology | chips (devices) | program | images (per device) | GiB per device: args + temp = total of HBM "
+    head = ["| topology | devices | program | images (per device) | GiB per device: args + temp = total of HBM "
             "| FLOPs per device (XLA's figure) | roofline | images/s | compile s | host peak GiB |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     out = []
