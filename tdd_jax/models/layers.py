@@ -126,9 +126,15 @@ class Linear(nnx.Module, _LoRAMixin):
 
 
 def _conv(x, w, stride, padding, dtype):
+    """NHWC conv with a torch-layout (O, I, kh, kw) kernel, transposed to HWIO in the graph.
+
+    XLA:CPU rewrites only HWIO-kernel convolutions into its fast (YNNPACK) conv; it does that for an OIHW
+    kernel at the top level (by transposing a parameter), but not inside a while body (``lax.scan``: the
+    sampler loop, gradient accumulation), where an OIHW conv falls back to a naive loop about 8x slower
+    (jax-ml/jax#12868). The explicit transpose is the same math and a free layout change elsewhere."""
     pad = [(padding, padding), (padding, padding)]
-    return jax.lax.conv_general_dilated(x, w.astype(dtype), (stride, stride), pad,
-                                        dimension_numbers=("NHWC", "OIHW", "NHWC"))
+    return jax.lax.conv_general_dilated(x, w.astype(dtype).transpose(2, 3, 1, 0), (stride, stride), pad,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class Conv2d(nnx.Module, _LoRAMixin):
