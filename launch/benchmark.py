@@ -1,7 +1,7 @@
 """Side-by-side speed of tdd_jax and its PyTorch peers, in one process, on the same model, batch and threads.
 
     python -m launch.benchmark [--pipeline tdd_jax/assets/tiny_sdxl] [--batch 16] [--size 64] [--threads 2]
-        [--repeats 5] [--device cpu|gpu] [--torch_compile] [--parts train,sample,flops] [--out bench.json]
+        [--repeats 5] [--device cpu|gpu] [--torch_compile] [--parts train,sample,flops,profile] [--out bench.json]
     python -m launch.benchmark --quick   # tiny sizes, 1 repeat (run by the test suite so it cannot rot)
 
 (a) train: our compiled TDD step vs a PyTorch step written like the official train_tdd.py (diffusers UNet +
@@ -10,6 +10,10 @@
 (b) sample: our TDDPipeline (4/8 steps, CFG 1 / 1.7, without / with a rank-64 LoRA, merged) vs diffusers'
     StableDiffusionXLPipeline + TCDScheduler(original_inference_steps=250) (LoRA loaded and fused).
 (c) flops: XLA's FLOP count of our step and the FLOP/s it achieves vs a measured fp32 matmul peak.
+(d) profile: where the sampling time goes, each part timed alone against its diffusers counterpart (the text
+    encoders, one UNet call at B and at 2B, the VAE decode, our jitted render, the whole call, our host
+    overhead and its pieces), then the biggest single ops (VAE/UNet 3x3 convs at their widths, the widest
+    linear) in XLA (NHWC with HWIO or OIHW kernels, at top level and inside a lax.scan; NCHW) vs torch.
 Repeats of the two sides are interleaved, so machine noise hits both; medians, min-max and ratios are printed
 and written as JSON. The PyTorch side is a benchmark reference only, not a training path of the project.
 """
