@@ -13,7 +13,7 @@ def step_pipeline_dir(tmp_path_factory):
     return save_step_pipeline(tmp_path_factory.mktemp("step_pipeline"))
 
 
-@pytest.mark.slow  # 552 s wall (about 2 CPU-minutes) on the shared, loaded 2-core machine: over the 60 s budget
+@pytest.mark.slow  # 552 s wall before the profile part, 351 s with it (less loaded): over the 60 s budget
 def test_quick_benchmark_runs_every_part(step_pipeline_dir, tmp_path, capsys):
     from launch import benchmark
 
@@ -30,7 +30,7 @@ def test_quick_benchmark_runs_every_part(step_pipeline_dir, tmp_path, capsys):
     parts = {r["part"]: r for r in profile["rows"]}
     assert all(r["sides"]["tdd_jax"]["median_s"] > 0 for r in profile["rows"] if "overhead" not in r["part"])
     assert any(p.startswith("UNet call, batch 4 (CFG)") for p in parts) and "VAE decode" in parts
-    assert all(r["ratio"] > 0 for r in profile["rows"] if "torch" in r["sides"])
+    assert all(r["ratio"] > 0 for r in profile["rows"] if r["ratio"] is not None)
     assert profile["ops"] and all(o["sides"]["xla NHWC/HWIO in loop"]["median_s"] > 0 for o in profile["ops"]
                                   if o["kernel"])
     out = capsys.readouterr().out
