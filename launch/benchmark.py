@@ -1,7 +1,7 @@
 """Side-by-side speed of tdd_jax and its PyTorch peers, in one process, on the same model, batch and threads.
 
     python -m launch.benchmark [--pipeline tdd_jax/assets/tiny_sdxl] [--batch 16] [--size 64] [--threads 2]
-        [--repeats 5] [--device cpu|gpu] [--torch_compile] [--parts train,sample,flops] [--out bench.json]
+        [--repeats 5] [--device cpu|gpu] [--torch_compile] [--parts train,sample,flops,profile] [--out bench.json]
     python -m launch.benchmark --quick   # tiny sizes, 1 repeat (run by the test suite so it cannot rot)
 
 (a) train: our compiled TDD step vs a PyTorch step written like the official train_tdd.py (diffusers UNet +
@@ -10,6 +10,10 @@
 (b) sample: our TDDPipeline (4/8 steps, CFG 1 / 1.7, without / with a rank-64 LoRA, merged) vs diffusers'
     StableDiffusionXLPipeline + TCDScheduler(original_inference_steps=250) (LoRA loaded and fused).
 (c) flops: XLA's FLOP count of our step and the FLOP/s it achieves vs a measured fp32 matmul peak.
+(d) profile: where the sampling time goes, each part timed alone against its diffusers counterpart (the text
+    encoders, one UNet call at B and at 2B, the VAE decode, our jitted render, the whole call, our host
+    overhead and its pieces), then the biggest single ops (VAE/UNet 3x3 convs at their widths, the widest
+    linear) in XLA (NHWC with HWIO or OIHW kernels, at top level and inside a lax.scan; NCHW) vs torch.
 Repeats of the two sides are interleaved, so machine noise hits both; medians, min-max and ratios are printed
 and written as JSON. The PyTorch side is a benchmark reference only, not a training path of the project.
 """
@@ -40,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per side, after one warm-up")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--torch_compile", action="store_true", help="torch.compile the PyTorch UNets")
-    p.add_argument("--parts", default="train,sample,flops")
+    p.add_argument("--parts", default="train,sample,flops,profile")
     p.add_argument("--steps", default="4,8", help="sampling step counts")
     p.add_argument("--lora_rank", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="batch 2, 16 px, 1 repeat, 4 steps")
@@ -317,6 +321,279 @@ def bench_sample(args, results: dict) -> None:
                                           "ratio": times["diffusers"]["median_s"] / times["tdd_jax"]["median_s"]})
 
 
+# --- (d) profile: where the sampling time goes ---------------------------------------------------------------
+
+def _pair(ours, theirs) -> dict:
+    sides = {"tdd_jax": ours}
+    if theirs is not None:
+        sides["torch"] = theirs
+    return sides
+
+
+def profile_ops(args, unet_config: dict, vae_config: dict) -> list[tuple[str, tuple, int, int]]:
+    """(name, NHWC input shape, out channels, kernel) of the biggest single ops of one render: each VAE decoder
+    level's 3x3 conv at its width, the upsampler conv and conv_out at full size, each UNet level's 3x3 conv at
+    B and 2B (CFG), and the widest UNet linear (the GEGLU feed-forward in) at B, as (rows, in) x (in, out)."""
+    b, lat = args.batch, args.size // vae_factor(args)
+    vae_ch = list(reversed(vae_config["block_out_channels"]))
+    ops = []
+    for i, ch in enumerate(vae_ch):
+        ops.append((f"VAE dec level {i} conv3x3", (b, lat * 2 ** i, lat * 2 ** i, ch), ch, 3))
+    full = lat * 2 ** (len(vae_ch) - 1)
+    if len(vae_ch) > 1:
+        ops.append(("VAE dec upsampler conv3x3", (b, full, full, vae_ch[-2]), vae_ch[-2], 3))
+    ops.append(("VAE dec conv_out", (b, full, full, vae_ch[-1]), vae_config.get("out_channels", 3), 3))
+    for i, ch in enumerate(unet_config["block_out_channels"]):
+        hw = lat // 2 ** i
+        for n in (b, 2 * b):
+            ops.append((f"UNet level {i} conv3x3 (batch {n})", (n, hw, hw, ch), ch, 3))
+    ch = unet_config["block_out_channels"][-1]
+    hw = lat // 2 ** (len(unet_config["block_out_channels"]) - 1)
+    ops.append(("UNet GEGLU ff.proj linear", (b * hw * hw, ch), 8 * ch, 0))
+    return ops
+
+
+def time_op(shape: tuple, cout: int, kernel: int, repeats: int) -> dict:
+    """One op in XLA (jit: NHWC with the HWIO kernel our Conv2d now uses; NHWC with the OIHW kernel it used
+    before, at top level and inside a while loop; NCHW) and in torch (F.conv2d NCHW and channels_last; a
+    matmul for a linear), interleaved. In-loop times are per iteration of a 4-trip lax.scan whose input
+    depends on the carry (so nothing is hoisted out of the loop)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, np.float32)
+    trips = 4
+    if kernel == 0:  # a linear: (rows, in) x (in, out)
+        w = (0.05 * rng.standard_normal((cout, shape[1]))).astype(np.float32)
+        ours = {"xla": lambda x, w: x @ w.T}
+        tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+        theirs = {"torch": lambda: F.linear(tx, tw)}
+    else:
+        w = (0.05 * rng.standard_normal((cout, shape[-1], kernel, kernel))).astype(np.float32)
+        pad = [(kernel // 2, kernel // 2)] * 2
+
+        def conv(lhs, rhs, out):
+            return lambda x, w: jax.lax.conv_general_dilated(
+                x, w.transpose(2, 3, 1, 0) if rhs == "HWIO" else w, (1, 1), pad, dimension_numbers=(lhs, rhs, out))
+
+        ours = {"xla NHWC/HWIO": conv("NHWC", "HWIO", "NHWC"), "xla NHWC/OIHW": conv("NHWC", "OIHW", "NHWC"),
+                "xla NCHW/OIHW": conv("NCHW", "OIHW", "NCHW")}
+        tx, tw = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(w)
+        tx_cl = tx.contiguous(memory_format=torch.channels_last)
+        theirs = {"torch NCHW": lambda: F.conv2d(tx, tw, padding=kernel // 2),
+                  "torch channels_last": lambda: F.conv2d(tx_cl, tw, padding=kernel // 2)}
+    sides = {}
+    for name, op in ours.items():
+        xin = jnp.asarray(x.transpose(0, 3, 1, 2) if name.startswith("xla NCHW") else x)
+        wj = jnp.asarray(w)
+        once = jax.jit(lambda x, w, c, op=op: op(x + c, w))
+        sides[name] = lambda once=once, xin=xin, wj=wj: once(xin, wj, jnp.float32(0)).block_until_ready()
+
+        def looped(x, w, op=op):
+            def body(c, _):
+                y = op(x + c, w)
+                return y.reshape(-1)[0] * 0.0, None
+            return jax.lax.scan(body, jnp.float32(0), None, length=trips)[0]
+
+        in_loop = jax.jit(looped)
+        sides[f"{name} in loop"] = (lambda f=in_loop, xin=xin, wj=wj: f(xin, wj).block_until_ready(), trips)
+    for name, fn in theirs.items():
+        sides[name] = lambda fn=fn: fn()
+    per_call = {k: (v[1] if isinstance(v, tuple) else 1) for k, v in sides.items()}
+    with torch.no_grad():
+        times = interleave({k: (v[0] if isinstance(v, tuple) else v) for k, v in sides.items()}, repeats)
+    out = {}
+    for k, st in times.items():
+        n = per_call[k]
+        out[k] = {key: (val / n if key.endswith("_s") else val) for key, val in st.items()}
+    return out
+
+
+def bench_profile(args, results: dict) -> None:
+    """Each part of one render timed alone, ours vs diffusers on the same model, batch and threads (interleaved):
+    text encoding, one UNet call at B and 2B, the VAE decode, our jitted render, the whole call; our host
+    overhead (whole call minus the jitted render) and its pieces; then the biggest single ops, XLA vs torch."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline, TCDScheduler
+    from diffusers.utils import logging
+    from flax import nnx
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+    from tdd_jax import conditioning
+    from tdd_jax.diffusion.sampler import SamplerSettings
+    from tdd_jax.models.loading import read_config
+    from tdd_jax.pipeline import TDDPipeline
+    from tdd_jax.render import decode
+    from tdd_jax.training import sharding
+
+    folder = Path(args.pipeline)
+    b, size = args.batch, args.size
+    steps = int(args.steps.split(",")[0])
+    prompts = (PROMPTS * b)[:b]
+    pipe = TDDPipeline.from_pretrained(folder)
+    device = "cuda" if args.device == "gpu" else "cpu"
+    ref = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False).to(device)
+    ref.scheduler = TCDScheduler.from_config(ref.scheduler.config, original_inference_steps=250)
+    ref.set_progress_bar_config(disable=True)
+    gd, params = pipe._graphdefs, pipe.params
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    latent_shape = pipe.geometry.latent_shape(size, size)
+
+    @jax.jit
+    def encode(p, ids, ids_2):
+        return conditioning.encode_prompts(nnx.merge(gd["text_encoder"], p["text_encoder"]),
+                                           nnx.merge(gd["text_encoder_2"], p["text_encoder_2"]), ids, ids_2)
+
+    @jax.jit
+    def unet(p, x, t, cond):
+        return conditioning.unet_output(nnx.merge(gd["unet"], p["unet"]), x, t, cond)
+
+    @jax.jit
+    def vae_decode(p, z):
+        return decode(nnx.merge(gd["vae"], p["vae"]), z)
+
+    def our_encode():
+        ids = conditioning.tokenize(pipe.tokenizers[0], prompts)
+        ids_2 = conditioning.tokenize(pipe.tokenizers[1], prompts)
+        jax.block_until_ready(encode(params, ids, ids_2))
+
+    def their_encode():
+        ref.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        sync()
+
+    ids = jnp.asarray(conditioning.tokenize(pipe.tokenizers[0], prompts))
+    ids_2 = jnp.asarray(conditioning.tokenize(pipe.tokenizers[1], prompts))
+    embeds, pooled = encode(params, ids, ids_2)
+    tids = np.tile(conditioning.time_ids((size, size)), (b, 1))
+    cond = conditioning.Cond(embeds, pooled, jnp.asarray(tids))
+    z = jax.random.normal(jax.random.PRNGKey(0), (b, *latent_shape), jnp.float32)
+    with torch.no_grad():
+        t_embeds, _, t_pooled, _ = ref.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                     do_classifier_free_guidance=False)
+    t_z = torch.from_numpy(np.array(z)).permute(0, 3, 1, 2).contiguous().to(device)
+    t_tids = torch.from_numpy(tids).to(device)
+
+    def unet_rows(n):
+        def cat(a):
+            return jnp.concatenate([a] * n)
+
+        x, t, c = cat(z), jnp.full((n * b,), 999, jnp.int32), jax.tree.map(cat, cond)
+        tc = {"text_embeds": torch.cat([t_pooled] * n), "time_ids": torch.cat([t_tids] * n)}
+        tx, tt, te = torch.cat([t_z] * n), torch.full((n * b,), 999, device=device), torch.cat([t_embeds] * n)
+
+        def ours():
+            jax.block_until_ready(unet(params, x, t, c))
+
+        def theirs():
+            ref.unet(tx, tt, te, added_cond_kwargs=tc)
+            sync()
+
+        return ours, theirs
+
+    def our_decode():
+        jax.block_until_ready(vae_decode(params, z))
+
+    def their_decode():
+        ref.vae.decode(t_z / ref.vae.config.scaling_factor)
+        sync()
+
+    rows = []
+
+    def row(name, ours, theirs=None, note=""):
+        with torch.no_grad():
+            times = interleave(_pair(ours, theirs), args.repeats)
+        rows.append({"part": name, "sides": times, "note": note,
+                     "ratio": times["torch"]["median_s"] / times["tdd_jax"]["median_s"] if theirs else None})
+        return times
+
+    parts = {"encode": row("text encoders (tokenize + both CLIPs)", our_encode, their_encode),
+             1: row(f"UNet call, batch {b}", *unet_rows(1)),
+             2: row(f"UNet call, batch {2 * b} (CFG)", *unet_rows(2)),
+             "vae": row("VAE decode", our_decode, their_decode, "ours includes the uint8 conversion")}
+    placed = jax.device_put({"ids": np.asarray(ids), "ids_2": np.asarray(ids_2),
+                             "seeds": np.arange(b, dtype=np.uint32), "time_ids": tids},
+                            sharding.batch_sharding(pipe.mesh))
+    for guidance in (1.0, 1.7):
+        settings = SamplerSettings(num_steps=steps, gamma=0.2, guidance_scale=guidance, final_step="tcd")
+
+        def our_render(settings=settings):
+            jax.block_until_ready(pipe._render(params, placed, settings=settings, latent_shape=latent_shape,
+                                               output_type="uint8"))
+
+        def our_call(settings=settings):
+            pipe(prompts, settings, seeds=list(range(b)), height=size, width=size)
+
+        def their_call(guidance=guidance):
+            ref(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, eta=0.2, height=size,
+                width=size, generator=torch.Generator(device).manual_seed(0), output_type="np")
+            sync()
+
+        with torch.no_grad():
+            times = interleave({"render": our_render, "whole": our_call, "torch": their_call}, args.repeats)
+        for part, side, note in (("render (one jit)", "render", "peer: its whole pipeline call"),
+                                 ("whole call", "whole", "")):
+            rows.append({"part": f"{steps}-step {part}, CFG {guidance}", "note": note,
+                         "sides": {"tdd_jax": times[side], "torch": times["torch"]},
+                         "ratio": times["torch"]["median_s"] / times[side]["median_s"]})
+        parts_sum = {side: parts["encode"][side]["median_s"] + steps * parts[1 + (guidance != 1.0)][side]["median_s"]
+                     + parts["vae"][side]["median_s"] for side in ("tdd_jax", "torch")}
+        rows.append({"part": f"sum of the parts above, CFG {guidance}", "ratio": None,
+                     "note": f"medians: encoders + {steps} UNet calls + VAE",
+                     "sides": {side: {"median_s": v} for side, v in parts_sum.items()}})
+        rows.append({"part": f"our host overhead, CFG {guidance} (whole call - render)", "note": "medians",
+                     "sides": {"tdd_jax": {"median_s": times["whole"]["median_s"] - times["render"]["median_s"]}},
+                     "ratio": None})
+    batch = {"ids": np.asarray(ids), "ids_2": np.asarray(ids_2), "seeds": np.arange(b, dtype=np.uint32),
+             "time_ids": tids}
+    image = pipe._render(params, placed, settings=settings, latent_shape=latent_shape, output_type="uint8")
+    row("  host: tokenize (both tokenizers)", lambda: [conditioning.tokenize(tok, prompts) for tok in pipe.tokenizers])
+    row("  host: device_put of the batch",
+        lambda: jax.block_until_ready(jax.device_put(batch, sharding.batch_sharding(pipe.mesh))))
+    row("  host: device -> host images", lambda: np.asarray(image).copy())
+    ops = []
+    unet_config, vae_config = read_config(folder / "unet"), read_config(folder / "vae")
+    for name, shape, cout, kernel in profile_ops(args, unet_config, vae_config):
+        ops.append({"op": name, "shape": list(shape), "out_channels": cout, "kernel": kernel,
+                    "sides": time_op(shape, cout, kernel, args.repeats)})
+    results["profile"] = {"steps": steps, "rows": rows, "ops": ops}
+
+
+OP_COLUMNS = ("xla NHWC/HWIO", "xla NHWC/HWIO in loop", "xla NHWC/OIHW", "xla NHWC/OIHW in loop", "xla NCHW/OIHW",
+              "torch NCHW", "torch channels_last")
+LINEAR_COLUMNS = {"xla": "xla NHWC/HWIO", "xla in loop": "xla NHWC/HWIO in loop", "torch": "torch NCHW"}
+
+
+def profile_table(profile: dict) -> str:
+    """The per-part table, then the per-op table (ms; for a linear: xla under HWIO, torch under NCHW)."""
+    rows = ["| part | tdd_jax median [min-max] | diffusers/torch median [min-max] | peer / tdd_jax |",
+            "|---|---|---|---|"]
+    for r in profile["rows"]:
+        ours = r["sides"]["tdd_jax"]
+        mine = fmt(ours) if "min_s" in ours else f"{ours['median_s']:.3f} s"
+        theirs = r["sides"].get("torch")
+        peer = "" if theirs is None else fmt(theirs) if "min_s" in theirs else f"{theirs['median_s']:.3f} s"
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else ""
+        note = f" ({r['note']})" if r.get("note") else ""
+        rows.append(f"| {r['part']}{note} | {mine} | {peer} | {ratio} |")
+    ops = ["| op: NHWC input -> out channels | " + " | ".join(f"{c} ms" for c in OP_COLUMNS) + " |",
+           "|---" * (len(OP_COLUMNS) + 1) + "|"]
+    for o in profile["ops"]:
+        sides = {LINEAR_COLUMNS.get(k, k): v for k, v in o["sides"].items()}
+        cells = [f"{1e3 * sides[c]['median_s']:.2f} [{1e3 * sides[c]['min_s']:.2f}-{1e3 * sides[c]['max_s']:.2f}]"
+                 if c in sides else "" for c in OP_COLUMNS]
+        ops.append(f"| {o['op']} {tuple(o['shape'])} -> {o['out_channels']} | " + " | ".join(cells) + " |")
+    return "\n\n".join(["\n".join(rows), "\n".join(ops)])
+
+
 # --- report -------------------------------------------------------------------------------------------------
 
 def fmt(s: dict) -> str:
@@ -341,6 +618,8 @@ def table(results: dict) -> str:
         lines.append(f"train step XLA FLOPs {f['xla_flops']:.3e}; achieved {f['achieved_flop_s'] / 1e9:.1f} GFLOP/s "
                      f"= {100 * f['fraction_of_peak']:.0f}% of the measured fp32 matmul peak "
                      f"({f['matmul_peak_flop_s'] / 1e9:.1f} GFLOP/s, jnp.dot {f['matmul_n']}^2)")
+    if "profile" in results:
+        lines.append(profile_table(results["profile"]))
     return "\n\n".join(lines)
 
 
@@ -361,6 +640,8 @@ def main(argv=None) -> dict:
         bench_train(args, results)
     if "sample" in parts:
         bench_sample(args, results)
+    if "profile" in parts:
+        bench_profile(args, results)
     print(f"{results['command']}  ({results['date_utc']} UTC; {results['machine']}; batch {args.batch}, "
           f"{args.size}x{args.size} px, fp32, {args.repeats} interleaved repeats after a warm-up)")
     print(table(results))
