@@ -25,7 +25,7 @@ def rows(reports: list[dict]) -> list[str]:
     for r in reports:
         n = r["num_devices"]
         for part, label in (("train_step", "TDD train step"), ("sampler", "sampler + VAE decode")):
-            if part not in r:
+            if "memory" not in r.get(part, {}):  # absent, or counted without compiling
                 continue
             p = r[part]
             xla = "n/a" if p.get("xla_flops") is None else f"{p['xla_flops']:.2e}"

@@ -197,25 +197,28 @@ def step_flops(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, step, bat
             "ratio": no_remat / analytic["minimum"]}
 
 
-def compile_step(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batch_kind: str = "pixels") -> dict:
+def compile_step(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batch_kind: str = "pixels",
+                 compile: bool = True) -> dict:
     """Compile the TDD train step on ``mesh`` (``frozen``'s); memory, FLOPs (per device: counted, and XLA's own),
-    the FLOP accounting against the analytic minimum (global), and compile seconds."""
+    the FLOP accounting against the analytic minimum (global), and compile seconds. compile=False: the FLOPs
+    only (tracing, no compiler: minutes and little host memory where the compile takes far more)."""
     start = time.perf_counter()
     step = build_train_step(cfg, frozen, NoiseSchedule.from_config(SDXL_SCHEDULER_CONFIG), mesh)
     batch = batch_spec(cfg, configs, batch_kind)
-    compiled = compile_train_step(step, batch)
-    compile_s = time.perf_counter() - start
+    result = {"images": int(cfg.batch.global_batch)}
+    if compile:
+        compiled = compile_train_step(step, batch)
+        result.update(memory=compiled.memory, xla_flops=compiled.flops, compile_s=time.perf_counter() - start)
     accounting = step_flops(cfg, frozen, mesh, configs, step, select_batch(batch))
-    return {"memory": compiled.memory, "flops": accounting["counted"] / mesh.size,
-            "xla_flops": compiled.flops, "flop_accounting": accounting, "compile_s": compile_s,
-            "images": int(cfg.batch.global_batch)}
+    return {**result, "flops": accounting["counted"] / mesh.size, "flop_accounting": accounting}
 
 
 def compile_sampler(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batch: int,
-                    settings: SamplerSettings) -> dict:
+                    settings: SamplerSettings, compile: bool = True) -> dict:
     """Compile prompt encoding, the ``settings.num_steps``-step sampler and the VAE decode at ``cfg.resolution``
     for a global batch of ``batch`` images (``render.render``, as ``TDDPipeline`` runs it: a LoRA is merged into
-    the base weights, so the program is the LoRA-free UNet's); memory, FLOPs and compile seconds."""
+    the base weights, so the program is the LoRA-free UNet's); memory, FLOPs and compile seconds (compile=False:
+    the FLOPs only)."""
     start = time.perf_counter()
     schedule = NoiseSchedule.from_config(SDXL_SCHEDULER_CONFIG)
     side = int(cfg.resolution) // vae_factor(configs["vae"])
@@ -231,18 +234,18 @@ def compile_sampler(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batc
     f = jax.ShapeDtypeStruct
     ids = f((batch, 77), jnp.int32, sharding=data)
     args = (frozen.params, ids, ids, f((batch, 6), jnp.float32, sharding=data), f((batch,), jnp.uint32, sharding=data))
-    compiled = jax.jit(render_batch, out_shardings=data).lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    analysis = compiled_analysis(compiled)
-    return {"memory": analysis["memory"], "flops": function_flops(render_batch, *args) / mesh.size,
-            "xla_flops": analysis["flops"], "compile_s": compile_s, "images": batch, "steps": settings.num_steps,
-            "cfg": settings.uses_cfg}
+    result = {"flops": function_flops(render_batch, *args) / mesh.size, "images": batch,
+              "steps": settings.num_steps, "cfg": settings.uses_cfg}
+    if compile:
+        analysis = compiled_analysis(jax.jit(render_batch, out_shardings=data).lower(*args).compile())
+        result.update(memory=analysis["memory"], xla_flops=analysis["flops"], compile_s=time.perf_counter() - start)
+    return result
 
 
 def roofline(result: dict, hbm: int | None, peak: float | None) -> dict:
     """Add HBM fit and roofline (compute-bound) time / images per second to a compile result (per device)."""
     result = dict(result)
-    if hbm is not None:
+    if hbm is not None and "memory" in result:
         result["hbm_bytes"] = hbm
         result["fits"] = result["memory"]["total"] <= hbm
     if peak is not None and result.get("flops"):
@@ -264,17 +267,19 @@ def settings_summary(cfg, mesh: Mesh) -> dict:
 
 
 def run(cfg, topology: str, *, configs: dict = SDXL_CONFIGS, batch_kind: str = "pixels", sampler_batch: int = 0,
-        settings: SamplerSettings = SamplerSettings(), train: bool = True) -> dict[str, Any]:
-    """The whole check for one topology: {'topology', 'settings', 'train_step', 'sampler'} (per device)."""
+        settings: SamplerSettings = SamplerSettings(), train: bool = True, compile: bool = True) -> dict[str, Any]:
+    """The whole check for one topology: {'topology', 'settings', 'train_step', 'sampler'} (per device);
+    compile=False counts the FLOPs without compiling."""
     devices, hbm, peak = topology_devices(topology)
     mesh = sharding.make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), devices=devices)
     frozen = abstract_frozen(cfg, mesh, configs, encoders=batch_kind == "pixels" or sampler_batch > 0)
     report: dict[str, Any] = {"topology": topology, "num_devices": len(devices),
                               "settings": settings_summary(cfg, mesh)}
     if train:
-        report["train_step"] = roofline(compile_step(cfg, frozen, mesh, configs, batch_kind), hbm, peak)
+        report["train_step"] = roofline(compile_step(cfg, frozen, mesh, configs, batch_kind, compile), hbm, peak)
     if sampler_batch:
-        report["sampler"] = roofline(compile_sampler(cfg, frozen, mesh, configs, sampler_batch, settings), hbm, peak)
+        report["sampler"] = roofline(compile_sampler(cfg, frozen, mesh, configs, sampler_batch, settings, compile),
+                                     hbm, peak)
     return report
 
 
@@ -284,16 +289,20 @@ def format_report(report: dict) -> str:
     for part in ("train_step", "sampler"):
         if part not in report:
             continue
-        r, m = report[part], report[part]["memory"]
-        hbm = f" of {r['hbm_bytes'] / GiB:.1f} GiB HBM ({'fits' if r['fits'] else 'DOES NOT FIT'})" \
-            if "hbm_bytes" in r else ""
+        r = report[part]
         speed = (f", roofline {r['roofline_s'] * 1e3:.0f} ms = {r['roofline_images_per_s']:.2f} images/s"
                  if "roofline_s" in r else "")
-        xla = "n/a" if r["xla_flops"] is None else f"{r['xla_flops']:.3e}"
-        lines.append(f"  {part}: {r['images']} images; per device: args {m['argument'] / GiB:.2f} GiB, temp "
-                     f"{m['temp'] / GiB:.2f} GiB, out {m['output'] / GiB:.2f} GiB, total {m['total'] / GiB:.2f} "
-                     f"GiB{hbm}; FLOPs {r['flops']:.3e} (XLA's figure, loop bodies once: {xla}){speed}; "
-                     f"compiled in {r['compile_s']:.0f} s")
+        if "memory" not in r:
+            lines.append(f"  {part}: {r['images']} images; not compiled; FLOPs per device {r['flops']:.3e}{speed}")
+        else:
+            m = r["memory"]
+            hbm = f" of {r['hbm_bytes'] / GiB:.1f} GiB HBM ({'fits' if r['fits'] else 'DOES NOT FIT'})" \
+                if "hbm_bytes" in r else ""
+            xla = "n/a" if r["xla_flops"] is None else f"{r['xla_flops']:.3e}"
+            lines.append(f"  {part}: {r['images']} images; per device: args {m['argument'] / GiB:.2f} GiB, temp "
+                         f"{m['temp'] / GiB:.2f} GiB, out {m['output'] / GiB:.2f} GiB, total "
+                         f"{m['total'] / GiB:.2f} GiB{hbm}; FLOPs {r['flops']:.3e} (XLA's figure, loop bodies "
+                         f"once: {xla}){speed}; compiled in {r['compile_s']:.0f} s")
         if "flop_accounting" in r:
             a = r["flop_accounting"]
             parts = ", ".join(f"{k} {v:.3e}" for k, v in a["analytic"].items() if k != "minimum")
@@ -308,6 +317,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", "v5e-8", f"One of {sorted(TOPOLOGIES
 _BATCH_KIND = flags.DEFINE_enum("batch_kind", "pixels", ["pixels", "cached"],
                                 "Train on pixel/caption batches (VAE + text encoders in the step) or cached ones.")
 _TRAIN = flags.DEFINE_boolean("train", True, "Compile the train step.")
+_COMPILE = flags.DEFINE_boolean("compile", True, "Compile; false: only count the FLOPs (and the train step's FLOP "
+                                "accounting), which needs no compiler time or memory.")
 _SAMPLER_BATCH = flags.DEFINE_integer("sampler_batch", 0, "Global sampler batch to compile (0: skip the sampler).")
 _SAMPLER_STEPS = flags.DEFINE_integer("sampler_steps", 4, "Sampler steps.")
 _GUIDANCE = flags.DEFINE_float("sampler_guidance_scale", 1.7, "Sampler CFG scale (1: no CFG).")
@@ -324,7 +335,7 @@ def main(argv):
     settings = SamplerSettings(num_steps=_SAMPLER_STEPS.value, guidance_scale=_GUIDANCE.value)
     try:
         report = run(cfg, topology, batch_kind=_BATCH_KIND.value, sampler_batch=_SAMPLER_BATCH.value,
-                     settings=settings, train=_TRAIN.value)
+                     settings=settings, train=_TRAIN.value, compile=_COMPILE.value)
     except MissingLibTPU as e:
         raise app.UsageError(str(e)) from e
     report["command_date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())

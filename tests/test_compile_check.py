@@ -25,10 +25,10 @@ def _configs() -> dict:
             "text_encoder_2": second}
 
 
-def _check(data: int, fsdp: int) -> dict:
+def _check(data: int, fsdp: int, compile: bool = True) -> dict:
     cfg = step_config(**{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.min_shard_size": 1024})
     cfg.resolution = 16
-    return compile_check.run(cfg, "v5e-4", configs=_configs(), batch_kind="cached")
+    return compile_check.run(cfg, "v5e-4", configs=_configs(), batch_kind="cached", compile=compile)
 
 
 @needs_libtpu
@@ -49,6 +49,10 @@ def test_tpu_step_compiles_and_fsdp_splits_the_weights():
     # The README's table is made from these reports.
     table = "\n".join(compile_table.rows([replicated, split]) + compile_table.accounting([split]))
     assert table.count("| v5e-4 | 4 | TDD train step |") == 2 and "x** the analytic minimum" in table
+    # --compile=false: the same FLOP accounting from tracing alone, and no memory claimed.
+    counted_only = _check(1, 4, compile=False)["train_step"]
+    assert "memory" not in counted_only and "fits" not in counted_only
+    assert counted_only["flop_accounting"] == split["train_step"]["flop_accounting"]
 
 
 def test_missing_libtpu_names_the_extra(monkeypatch):
