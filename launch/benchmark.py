@@ -1,7 +1,7 @@
 """Side-by-side speed of tdd_jax and its PyTorch peers, in one process, on the same model, batch and threads.
 
     python -m launch.benchmark [--pipeline tdd_jax/assets/tiny_sdxl] [--batch 16] [--size 64] [--threads 2]
-        [--repeats 5] [--device cpu|gpu] [--torch_compile] [--parts train,sample,flops,profile] [--out bench.json]
+        [--repeats 5] [--device cpu|gpu] [--torch_compile] [--parts train,step_profile,sample,flops,profile] [--out bench.json]
     python -m launch.benchmark --quick   # tiny sizes, 1 repeat (run by the test suite so it cannot rot)
 
 (a) train: our compiled TDD step vs a PyTorch step written like the official train_tdd.py (diffusers UNet +
@@ -9,6 +9,8 @@
     from the student under no_grad, pseudo-Huber, AdamW + grad clipping), both from cached latents/embeddings.
 (b) sample: our TDDPipeline (4/8 steps, CFG 1 / 1.7, without / with a rank-64 LoRA, merged) vs diffusers'
     StableDiffusionXLPipeline + TCDScheduler(original_inference_steps=250) (LoRA loaded and fused).
+(a') step_profile: where each train step's time goes, by part of the step and kind of op, from profiler traces
+    of both steps (``launch/step_profile.py``).
 (c) flops: XLA's FLOP count of our step and the FLOP/s it achieves vs a measured fp32 matmul peak.
 (d) profile: where the sampling time goes, each part timed alone against its diffusers counterpart (the text
     encoders, one UNet call at B and at 2B, the VAE decode, our jitted render, the whole call, our host
@@ -30,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from launch import step_profile
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tdd_jax" / "assets" / "tiny_sdxl"
 PROMPTS = ["a photo of a cat", "a red car on the street", "a smiling face", "a bowl of fruit"]
@@ -44,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per side, after one warm-up")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--torch_compile", action="store_true", help="torch.compile the PyTorch UNets")
-    p.add_argument("--parts", default="train,sample,flops,profile")
+    p.add_argument("--parts", default="train,step_profile,sample,flops,profile")
     p.add_argument("--steps", default="4,8", help="sampling step counts")
     p.add_argument("--lora_rank", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="batch 2, 16 px, 1 repeat, 4 steps")
@@ -117,7 +121,7 @@ def vae_factor(args) -> int:
 
 
 def jax_train_step(args, cfg, batch):
-    """(run, flops): our compiled step on the cached batch."""
+    """(run, compiled step): our compiled step on the cached batch."""
     import jax
 
     from tdd_jax.diffusion.schedule import NoiseSchedule
@@ -136,13 +140,15 @@ def jax_train_step(args, cfg, batch):
         box["state"], metrics = compiled.fn(box["state"], frozen.params, placed)
         jax.block_until_ready(metrics["loss"])
 
-    return run, compiled.flops
+    return run, compiled
 
 
 def torch_train_step(args, cfg, batch):
-    """A step written like the official train_tdd.py on the same UNet, batch and TDD settings."""
+    """A step written like the official train_tdd.py on the same UNet, batch and TDD settings; its pieces are
+    marked for ``step_profile`` with ``record_function`` under the names of ``step_profile.PARTS``."""
     import numpy as np
     import torch
+    from torch.profiler import record_function
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
 
@@ -187,8 +193,9 @@ def torch_train_step(args, cfg, batch):
         noise = torch.randn(latents.shape, generator=gen, device=device)
         x_next = bc(ac[t_next].sqrt()) * latents + bc((1 - ac[t_next]).sqrt()) * noise
         cond = {"text_embeds": pooled, "time_ids": time_ids}
-        pred = f(x_next, t_next, s, student_fn(x_next, t_next, embeds, added_cond_kwargs=cond).sample)
-        with torch.no_grad():
+        with record_function("student forward"):
+            pred = f(x_next, t_next, s, student_fn(x_next, t_next, embeds, added_cond_kwargs=cond).sample)
+        with torch.no_grad(), record_function("teacher"):
             both = teacher(torch.cat([x_next, x_next]), torch.cat([t_next, t_next]), torch.cat([zeros_e, embeds]),
                            added_cond_kwargs={"text_embeds": torch.cat([zeros_p, pooled]),
                                               "time_ids": torch.cat([time_ids, time_ids])}).sample
@@ -198,9 +205,11 @@ def torch_train_step(args, cfg, batch):
             x0 = x0_c + w * (x0_c - x0_u)
             eps = eps_c + w * (eps_c - eps_u)
             x_prev = bc(ac[t_cur].sqrt()) * x0 + bc((1 - ac[t_cur]).sqrt()) * eps
+        with torch.no_grad(), record_function("target"):
             target = f(x_prev, t_cur, s, student_fn(x_prev, t_cur, embeds, added_cond_kwargs=cond).sample)
         loss = (torch.sqrt((pred.float() - target.float()) ** 2 + c * c) - c).mean()
-        loss.backward()
+        with record_function("student backward"):
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -235,12 +244,17 @@ def bench_train(args, results: dict) -> None:
     pooled_dim = read_config(folder / "text_encoder_2")["projection_dim"]
     cfg = step_config(args)
     batch = cached_batch(args, unet_config, text_dim, pooled_dim)
-    ours, flops = jax_train_step(args, cfg, batch)
+    ours, compiled = jax_train_step(args, cfg, batch)
+    flops = compiled.flops
     torch_side = torch_train_step(args, cfg, batch)
     name = "torch_compile" if args.torch_compile else "torch_eager"
     times = interleave({"tdd_jax": ours, name: torch_side}, args.repeats)
     results["train"] = {"sides": times, "ratio": times[name]["median_s"] / times["tdd_jax"]["median_s"],
                         "xla_flops": flops}
+    if "step_profile" in args.parts:
+        results["step_profile"] = {"tdd_jax": step_profile.xla_step_profile(ours, compiled.fn, args.repeats),
+                                   name: step_profile.torch_step_profile(torch_side, args.repeats),
+                                   "wall_s": {side: t["median_s"] for side, t in times.items()}}
     if "flops" in args.parts and flops:
         n = 512 if args.quick else 2048
         achieved = flops / times["tdd_jax"]["median_s"]
@@ -618,6 +632,16 @@ def table(results: dict) -> str:
         lines.append(f"train step XLA FLOPs {f['xla_flops']:.3e}; achieved {f['achieved_flop_s'] / 1e9:.1f} GFLOP/s "
                      f"= {100 * f['fraction_of_peak']:.0f}% of the measured fp32 matmul peak "
                      f"({f['matmul_peak_flop_s'] / 1e9:.1f} GFLOP/s, jnp.dot {f['matmul_n']}^2)")
+    if "step_profile" in results:
+        sp = results["step_profile"]
+        sides = [k for k in sp if k != "wall_s"]
+        threads = "; ".join(f"{s}'s ops ran {1e3 * sp[s]['thread_s']:.0f} ms summed over threads" for s in sides
+                            if "thread_s" in sp[s])
+        lines.append("train step profile, ms per step by part and kind of op (" + " / ".join(sides) + ", under the "
+                     "profiler); ops ran " + " / ".join(f"{1e3 * sp[s]['op_s']:.0f}" for s in sides)
+                     + " ms, against an unprofiled step of " + " / ".join(f"{1e3 * sp['wall_s'][s]:.0f}" for s in sides)
+                     + f" ms ({threads}; time that ops share is split among them)\n\n"
+                     + step_profile.grid_table({s: sp[s] for s in sides}))
     if "profile" in results:
         lines.append(profile_table(results["profile"]))
     return "\n\n".join(lines)
@@ -634,7 +658,7 @@ def main(argv=None) -> dict:
                "machine": f"{platform.processor() or platform.machine()}, {args.threads} pinned cores, "
                           f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}",
                "pipeline": str(args.pipeline), "batch": args.batch, "size": args.size, "repeats": args.repeats,
-               "dtype": "float32"}
+               "dtype": "float32", "xla_flags": os.environ.get("XLA_FLAGS", "")}
     parts = args.parts.split(",")
     if "train" in parts:
         bench_train(args, results)
@@ -642,8 +666,9 @@ def main(argv=None) -> dict:
         bench_sample(args, results)
     if "profile" in parts:
         bench_profile(args, results)
+    flags = f"; XLA_FLAGS={results['xla_flags']}" if results["xla_flags"] else ""
     print(f"{results['command']}  ({results['date_utc']} UTC; {results['machine']}; batch {args.batch}, "
-          f"{args.size}x{args.size} px, fp32, {args.repeats} interleaved repeats after a warm-up)")
+          f"{args.size}x{args.size} px, fp32, {args.repeats} interleaved repeats after a warm-up{flags})")
     print(table(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

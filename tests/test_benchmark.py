@@ -23,6 +23,10 @@ def test_quick_benchmark_runs_every_part(step_pipeline_dir, tmp_path, capsys):
     train = results["train"]
     assert set(train["sides"]) == {"tdd_jax", "torch_eager"} and train["ratio"] > 0 and train["xla_flops"] > 0
     assert 0 < results["flops"]["fraction_of_peak"]
+    step = results["step_profile"]
+    for side in ("tdd_jax", "torch_eager"):
+        grid = step[side]["grid"]
+        assert all(grid[part]["conv"] > 0 for part in ("student forward", "student backward", "teacher", "target"))
     grid = {(r["steps"], r["guidance_scale"], r["lora"]) for r in results["sample"]}
     assert grid == {(4, g, lora) for g in (1.0, 1.7) for lora in (False, True)}
     assert all(r["sides"]["diffusers"]["median_s"] > 0 and r["ratio"] > 0 for r in results["sample"])
@@ -34,4 +38,4 @@ def test_quick_benchmark_runs_every_part(step_pipeline_dir, tmp_path, capsys):
     assert profile["ops"] and all(o["sides"]["xla NHWC/HWIO in loop"]["median_s"] > 0 for o in profile["ops"]
                                   if o["kernel"])
     out = capsys.readouterr().out
-    assert "| train step (torch_eager) |" in out and "| op: NHWC input -> out channels |" in out
+    assert "| train step (torch_eager) |" in out and "| student backward |" in out and "| op: NHWC input -> out channels |" in out

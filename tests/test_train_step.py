@@ -126,6 +126,26 @@ def test_a_few_steps_decrease_the_loss(tdd):
     assert compiled.memory["total"] > 0 and compiled.flops and compiled.flops > 0
 
 
+def test_profile_puts_every_unet_call_in_its_part(tdd):
+    """The named scopes of the step reach the compiled program: under the profiler, each of the four UNet
+    passes (student forward and backward, teacher, target) runs convolutions and matmuls, and none runs
+    outside them (the benchmark's step_profile reads its table from these)."""
+    from launch import step_profile
+
+    frozen, step, batch, compiled = tdd
+    box = {"state": step.init_state(jax.random.PRNGKey(0))}
+
+    def run():
+        box["state"], metrics = compiled.fn(box["state"], frozen.params, batch)
+        jax.block_until_ready(metrics["loss"])
+
+    run()
+    grid = step_profile.xla_step_profile(run, compiled.fn, repeats=1)["grid"]
+    for part in ("student forward", "student backward", "teacher", "target"):
+        assert grid[part]["conv"] > 0 and grid[part]["matmul"] > 0, (part, grid[part])
+    assert grid["rest"]["conv"] == grid["rest"]["matmul"] == 0, grid["rest"]
+
+
 @pytest.mark.parametrize("kind,mode,source,extra", [
     # encoders inside the step; dropped captions get the encoded "" caption and are still guided
     ("pcm", "official", "pixels", {}),
