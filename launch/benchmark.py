@@ -641,7 +641,8 @@ def table(results: dict) -> str:
                      "profiler); ops ran " + " / ".join(f"{1e3 * sp[s]['op_s']:.0f}" for s in sides)
                      + " ms, against an unprofiled step of " + " / ".join(f"{1e3 * sp['wall_s'][s]:.0f}" for s in sides)
                      + f" ms ({threads}; time that ops share is split among them)\n\n"
-                     + step_profile.grid_table({s: sp[s] for s in sides}))
+                     + step_profile.grid_table({s: sp[s] for s in sides}) + "\n\n"
+                     + step_profile.top_table(sp["tdd_jax"]))
     if "profile" in results:
         lines.append(profile_table(results["profile"]))
     return "\n\n".join(lines)
@@ -650,6 +651,7 @@ def table(results: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     pin_threads(args)
+    import tdd_jax  # noqa: F401  (its XLA:CPU settings must come before jax starts the backend)
     import jax
     import torch
 

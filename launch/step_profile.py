@@ -18,10 +18,13 @@ from __future__ import annotations
 import glob
 import re
 import tempfile
+from bisect import bisect_left
 from collections import defaultdict
+from typing import NamedTuple
 
 PARTS = ("student forward", "student backward", "teacher", "target", "rest")
 KINDS = ("conv", "matmul", "reduce/norm", "elementwise", "data movement", "other")
+TOP = 12  # the single ops listed with the most time
 SCOPES = {"student": "student", "teacher": "teacher", "target": "target"}  # TrainStep._microbatch's scopes
 
 _DATA_MOVEMENT = {"copy", "transpose", "bitcast", "broadcast", "slice", "concatenate", "pad", "reshape",
@@ -49,8 +52,15 @@ _OPCODE = re.compile(r"(?:^|\s)([a-z][a-z0-9\-]*)\(")
 _COMP = re.compile(r"^(?:ENTRY\s+)?%(\S+)\s.*\{\s*$")
 
 
-def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
-    """{instruction name: (kind, part)} for every instruction of an optimized HLO module's text."""
+class HloOp(NamedTuple):
+    kind: str
+    part: str
+    opcode: str
+    operands: tuple[str, ...]
+
+
+def hlo_ops(hlo_text: str) -> dict[str, HloOp]:
+    """{instruction name: HloOp} for every instruction of an optimized HLO module's text."""
     comps, instrs, operands, current = defaultdict(set), {}, {}, None
     for line in hlo_text.splitlines():
         if (m := _COMP.match(line)) and " = " not in line.split("{")[0]:
@@ -110,7 +120,8 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
                 parts[name] = next((p for p in _INHERIT if p in found), "rest")
         return parts[name]
 
-    return {n: (kind(op, calls, target), part(n)) for n, (op, calls, target, _) in instrs.items()}
+    return {n: HloOp(kind(op, calls, target), part(n), op, tuple(operands[n]))
+            for n, (op, calls, target, _) in instrs.items()}
 
 
 def innermost_segments(spans: list[tuple[int, int, object]]) -> list[tuple[int, int, object]]:
@@ -164,10 +175,50 @@ def empty_grid() -> dict[str, dict[str, float]]:
     return {part: {kind: 0.0 for kind in KINDS} for part in PARTS}
 
 
+def until_consumed(lines: list[list[tuple]], ops: dict[str, HloOp]) -> tuple[list[list[tuple]], list[tuple]]:
+    """(the threads' spans without the asynchronous ones, the asynchronous spans each stretched to its end).
+
+    XLA:CPU runs a plain ``convolution`` thunk (Eigen's) asynchronously: its span ends at dispatch, and the
+    work goes on in Eigen's pool while the thread runs other thunks. Such a span is taken to end where the
+    first thunk that consumes its result starts (looking through bitcasts and tuples), and is kept apart from
+    its thread's nesting.
+    """
+    consumers = defaultdict(set)
+    for name, op in ops.items():
+        for operand in op.operands:
+            consumers[operand].add(name)
+    starts = defaultdict(list)
+    for spans in lines:
+        for start, _, name in spans:
+            starts[name].append(start)
+    for v in starts.values():
+        v.sort()
+    def thunk_consumers(name, depth=0):  # through the ops that run no thunk (bitcasts, tuples)
+        out = set()
+        for c in consumers[name]:
+            if c in starts:
+                out.add(c)
+            elif depth < 8 and ops[c].opcode in _STRUCTURAL:
+                out |= thunk_consumers(c, depth + 1)
+        return out
+
+    kept, stretched = [], []
+    for spans in lines:
+        kept.append([])
+        for start, end, name in spans:
+            if ops[name].opcode != "convolution":
+                kept[-1].append((start, end, name))
+                continue
+            after = [starts[c][i] for c in thunk_consumers(name) if (i := bisect_left(starts[c], end)) < len(starts[c])]
+            stretched.append((start, max(end, min(after, default=end)), name))
+    return kept, stretched
+
+
 def xla_step_profile(run, compiled, repeats: int) -> dict:
     """{'grid': part -> kind -> seconds per step, 'op_s': their sum (the time any op ran), 'thread_s': the
-    ops' time summed over threads, 'events': thunks per step} from a ``jax.profiler`` trace of ``repeats``
-    calls of ``run`` (which runs the ``compiled`` program once). Time that ops share is split among them."""
+    ops' time summed over threads, 'events': thunks per step, 'top': the ``TOP`` ops with the most time}
+    from a ``jax.profiler`` trace of ``repeats`` calls of ``run`` (which runs the ``compiled`` program once).
+    Time that ops share is split among them."""
     import jax
     from jax.profiler import ProfileData
 
@@ -181,7 +232,7 @@ def xla_step_profile(run, compiled, repeats: int) -> dict:
                 run()
         (path,) = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
         data = ProfileData.from_file(path)
-    segments, thread_ns, events = [], 0, 0
+    lines = []
     for plane in data.planes:
         for line in plane.lines:
             spans = []
@@ -189,18 +240,24 @@ def xla_step_profile(run, compiled, repeats: int) -> dict:
                 stats = dict(e.stats)
                 if stats.get("hlo_module") == module and stats.get("hlo_op") in ops:
                     spans.append((e.start_ns, e.end_ns, stats["hlo_op"]))
-            events += len(spans)
-            pieces = innermost_segments(spans)
-            thread_ns += sum(b - a for a, b, _ in pieces)
-            segments += pieces
+            lines.append(spans)
+    events = sum(map(len, lines))
     if not events:
         raise RuntimeError(f"the profiler trace holds no op of module {module}: is the XLA:CPU thunk runtime "
                            "tracing (xla_cpu_enable_xprof_traceme)?")
-    for name, ns in shared_wall_time(segments).items():
-        kind, part = ops[name]
-        grid[part][kind] += ns * 1e-9 / repeats
+    lines, async_spans = until_consumed(lines, ops)
+    segments, thread_ns = list(async_spans), sum(b - a for a, b, _ in async_spans)
+    for spans in lines:
+        pieces = innermost_segments(spans)
+        thread_ns += sum(b - a for a, b, _ in pieces)
+        segments += pieces
+    shares = shared_wall_time(segments)
+    for name, ns in shares.items():
+        grid[ops[name].part][ops[name].kind] += ns * 1e-9 / repeats
+    top = [{"op": name, "kind": ops[name].kind, "part": ops[name].part, "s": ns * 1e-9 / repeats}
+           for name, ns in sorted(shares.items(), key=lambda kv: -kv[1])[:TOP]]
     return {"grid": grid, "op_s": sum(sum(row.values()) for row in grid.values()),
-            "thread_s": thread_ns * 1e-9 / repeats, "events": events / repeats}
+            "thread_s": thread_ns * 1e-9 / repeats, "events": events / repeats, "top": top}
 
 
 # --- torch ----------------------------------------------------------------------------------------------------
@@ -279,4 +336,11 @@ def grid_table(profiles: dict[str, dict]) -> str:
             part_s = sum(g[p][k] for p in (PARTS if part == "all" else (part,)) for k in KINDS)
             shares.append(f"{100 * part_s / totals[s]:.0f}%" if totals[s] else "")
         rows.append(f"| {part} | " + " | ".join(cells) + " | " + " / ".join(shares) + " |")
+    return "\n".join(rows)
+
+
+def top_table(profile: dict) -> str:
+    """The single XLA ops with the most time per step."""
+    rows = ["| XLA op | kind | part | ms per step |", "|---|---|---|---|"]
+    rows += [f"| {t['op']} | {t['kind']} | {t['part']} | {1e3 * t['s']:.1f} |" for t in profile["top"]]
     return "\n".join(rows)

@@ -72,6 +72,7 @@ def test_xla_parts_from_named_scopes():
     assert profile["op_s"] == pytest.approx(sum(sum(r.values()) for r in grid.values()))
     assert 0 < profile["op_s"] <= profile["thread_s"] * (1 + 1e-9)
     assert "| student backward |" in step_profile.grid_table({"tdd_jax": profile, "again": profile})
+    assert profile["top"][0]["s"] >= profile["top"][-1]["s"] > 0 and "| XLA op |" in step_profile.top_table(profile)
 
 
 def test_torch_parts_from_record_function():
