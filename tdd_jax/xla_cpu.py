@@ -1,9 +1,10 @@
 """XLA:CPU settings that this project measured to be faster for its models, set when tdd_jax is imported.
 
-jaxlib 0.10's CPU backend hands each convolution to YNNPACK by default. In the train step of the tiny SDXL
-(batch 16, 2 cores), YNNPACK's convolutions ran 5-10x slower than the same shapes alone, and Eigen's, which
-the setting below restores, made the whole step about 1.3x faster. Measured with ``python -m launch.benchmark
---parts train,step_profile`` under ``TDD_JAX_XLA_CPU_DEFAULTS=0`` and without it (README, Performance).
+jaxlib 0.10's CPU backend hands each convolution to YNNPACK by default. Inside the tiny SDXL's train step
+(batch 16, 2 cores) YNNPACK's convolutions ran 5-10x slower than the same shapes alone (the benchmark's
+top-ops table), and at the UNet's and VAE's shapes Eigen's, which the setting below restores, were faster
+alone too. Sampling against diffusers went from 0.80-1.07x to 1.05-1.33x in back-to-back runs of
+``python -m launch.benchmark`` with and without ``TDD_JAX_XLA_CPU_DEFAULTS=0`` (README, Performance).
 
 The flag exists only in the jaxlib versions of ``VERSIONS`` (XLA aborts on a flag it does not know), so other
 versions are left alone, as is an ``XLA_FLAGS`` that already sets it, or ``TDD_JAX_XLA_CPU_DEFAULTS=0``. It

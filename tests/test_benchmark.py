@@ -13,6 +13,20 @@ def step_pipeline_dir(tmp_path_factory):
     return save_step_pipeline(tmp_path_factory.mktemp("step_pipeline"))
 
 
+def test_quick_train_parts(step_pipeline_dir, tmp_path, capsys):
+    """The train-step parts alone (the whole benchmark is too slow for the default run): both steps run and are
+    profiled, every UNet pass of both sides runs convolutions in its own part, and the table is printed."""
+    from launch import benchmark
+
+    results = benchmark.main(["--quick", "--parts", "train,step_profile,flops", "--pipeline", str(step_pipeline_dir)])
+    assert results["train"]["ratio"] > 0 and 0 < results["flops"]["fraction_of_peak"]
+    for side in ("tdd_jax", "torch_eager"):
+        grid = results["step_profile"][side]["grid"]
+        assert all(grid[part]["conv"] > 0 for part in ("student forward", "student backward", "teacher", "target"))
+    out = capsys.readouterr().out
+    assert "| student backward |" in out and "| XLA op | kind | part | ms per step |" in out
+
+
 @pytest.mark.slow  # 552 s wall before the profile part, 351 s with it (less loaded): over the 60 s budget
 def test_quick_benchmark_runs_every_part(step_pipeline_dir, tmp_path, capsys):
     from launch import benchmark
