@@ -11,6 +11,7 @@
     StableDiffusionXLPipeline + TCDScheduler(original_inference_steps=250) (LoRA loaded and fused).
 (a') step_profile: where each train step's time goes, by part of the step and kind of op, from profiler traces
     of both steps (``launch/step_profile.py``).
+(a'') remat (not in the default parts; with train): our step under every rematerialisation policy, interleaved.
 (c) flops: XLA's FLOP count of our step and the FLOP/s it achieves vs a measured fp32 matmul peak.
 (d) profile: where the sampling time goes, each part timed alone against its diffusers counterpart (the text
     encoders, one UNet call at B and at 2B, the VAE decode, our jitted render, the whole call, our host
@@ -48,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per side, after one warm-up")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--torch_compile", action="store_true", help="torch.compile the PyTorch UNets")
-    p.add_argument("--parts", default="train,step_profile,sample,flops,profile")
+    p.add_argument("--parts", default="train,step_profile,sample,flops,profile",
+                   help="comma-separated; also 'remat' (with 'train')")
     p.add_argument("--steps", default="4,8", help="sampling step counts")
     p.add_argument("--lora_rank", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="batch 2, 16 px, 1 repeat, 4 steps")
@@ -255,12 +257,28 @@ def bench_train(args, results: dict) -> None:
         results["step_profile"] = {"tdd_jax": step_profile.xla_step_profile(ours, compiled.fn, args.repeats),
                                    name: step_profile.torch_step_profile(torch_side, args.repeats),
                                    "wall_s": {side: t["median_s"] for side, t in times.items()}}
+    if "remat" in args.parts:
+        results["remat"] = bench_remat(args, batch, ours)
     if "flops" in args.parts and flops:
         n = 512 if args.quick else 2048
         achieved = flops / times["tdd_jax"]["median_s"]
         peak = matmul_peak(n)
         results["flops"] = {"xla_flops": flops, "achieved_flop_s": achieved, "matmul_peak_flop_s": peak,
                             "matmul_n": n, "fraction_of_peak": achieved / peak}
+
+
+def bench_remat(args, batch, no_remat) -> dict:
+    """{policy: stats}: our step under every rematerialisation policy, interleaved, to see whether recomputing
+    the forward's activations in the backward (less stored, less written) beats storing them at this size."""
+    from tdd_jax.models.layers import REMAT_POLICIES
+
+    sides = {"none": no_remat}
+    for policy in REMAT_POLICIES:
+        if policy != "none":
+            cfg = step_config(args)
+            cfg.model.remat = policy
+            sides[policy] = jax_train_step(args, cfg, batch)[0]
+    return interleave(sides, args.repeats)
 
 
 # --- (b) sampling -------------------------------------------------------------------------------------------
@@ -627,6 +645,11 @@ def table(results: dict) -> str:
         rows.append(f"| {name} (diffusers TCD) | {fmt(r['sides']['tdd_jax'])} | {fmt(r['sides']['diffusers'])} | "
                     f"{r['ratio']:.2f}x |")
     lines = ["\n".join(rows)]
+    if "remat" in results:
+        base = results["remat"]["none"]["median_s"]
+        lines.append("\n".join(["| our train step, remat policy | median [min-max] | none / policy |", "|---|---|---|"]
+                               + [f"| {policy} | {fmt(t)} | {base / t['median_s']:.2f}x |"
+                                  for policy, t in results["remat"].items()]))
     if "flops" in results:
         f = results["flops"]
         lines.append(f"train step XLA FLOPs {f['xla_flops']:.3e}; achieved {f['achieved_flop_s'] / 1e9:.1f} GFLOP/s "

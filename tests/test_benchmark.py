@@ -32,7 +32,8 @@ def test_quick_benchmark_runs_every_part(step_pipeline_dir, tmp_path, capsys):
     from launch import benchmark
 
     out = tmp_path / "bench.json"
-    results = benchmark.main(["--quick", "--pipeline", str(step_pipeline_dir), "--out", str(out)])
+    parts = "train,step_profile,sample,flops,profile,remat"  # the default parts and the opt-in remat
+    results = benchmark.main(["--quick", "--parts", parts, "--pipeline", str(step_pipeline_dir), "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     train = results["train"]
     assert set(train["sides"]) == {"tdd_jax", "torch_eager"} and train["ratio"] > 0 and train["xla_flops"] > 0
@@ -41,6 +42,9 @@ def test_quick_benchmark_runs_every_part(step_pipeline_dir, tmp_path, capsys):
     for side in ("tdd_jax", "torch_eager"):
         grid = step[side]["grid"]
         assert all(grid[part]["conv"] > 0 for part in ("student forward", "student backward", "teacher", "target"))
+    from tdd_jax.models.layers import REMAT_POLICIES
+
+    assert set(results["remat"]) == set(REMAT_POLICIES) and all(t["median_s"] > 0 for t in results["remat"].values())
     grid = {(r["steps"], r["guidance_scale"], r["lora"]) for r in results["sample"]}
     assert grid == {(4, g, lora) for g in (1.0, 1.7) for lora in (False, True)}
     assert all(r["sides"]["diffusers"]["median_s"] > 0 and r["ratio"] > 0 for r in results["sample"])
@@ -53,3 +57,4 @@ def test_quick_benchmark_runs_every_part(step_pipeline_dir, tmp_path, capsys):
                                   if o["kernel"])
     out = capsys.readouterr().out
     assert "| train step (torch_eager) |" in out and "| student backward |" in out and "| op: NHWC input -> out channels |" in out
+    assert "| our train step, remat policy | median [min-max] | none / policy |" in out
