@@ -17,6 +17,10 @@
     encoders, one UNet call at B and at 2B, the VAE decode, our jitted render, the whole call, our host
     overhead and its pieces), then the biggest single ops (VAE/UNet 3x3 convs at their widths, the widest
     linear) in XLA (NHWC with HWIO or OIHW kernels, at top level and inside a lax.scan; NCHW) vs torch.
+(e) unet (not in the default parts; for GPUs): one forward of the full SDXL UNet architecture (random weights,
+    bf16, --unet_size px, batch 1 and 4), our jitted UNet (XLA attention, and cuDNN attention on GPUs) vs
+    diffusers' UNet2DConditionModel (PyTorch SDPA; also torch.compile with --torch_compile). --quick runs it on
+    the --pipeline's UNet instead, at --size, so the test suite can exercise it on a CPU.
 Repeats of the two sides are interleaved, so machine noise hits both; medians, min-max and ratios are printed
 and written as JSON. The PyTorch side is a benchmark reference only, not a training path of the project.
 """
@@ -53,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated; also 'remat' (with 'train')")
     p.add_argument("--steps", default="4,8", help="sampling step counts")
     p.add_argument("--lora_rank", type=int, default=64)
+    p.add_argument("--unet_size", type=int, default=1024, help="image side of the 'unet' part (SDXL UNet) in pixels")
     p.add_argument("--quick", action="store_true", help="batch 2, 16 px, 1 repeat, 4 steps")
     p.add_argument("--out", default=None, help="JSON output (default: print only)")
     args = p.parse_args(argv)
@@ -445,6 +450,92 @@ def time_op(shape: tuple, cout: int, kernel: int, repeats: int) -> dict:
     return out
 
 
+def bench_unet(args, results: dict) -> None:
+    """(e) One UNet forward of SDXL's architecture at a real size, ours vs diffusers', in bf16 weights and
+    compute, random weights (speed does not depend on their values). Each of our attention implementations is
+    compiled separately; one that fails to compile on this backend is recorded with its error, not fatal."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from diffusers import UNet2DConditionModel as PeerUNet
+    from flax import nnx
+
+    from tdd_jax.models.layers import ModelOptions
+    from tdd_jax.models.loading import read_config
+    from tdd_jax.models.unet import SDXL_UNET_CONFIG, UNet2DConditionModel
+
+    gpu = args.device == "gpu"
+    device = "cuda" if gpu else "cpu"
+    config = read_config(Path(args.pipeline) / "unet") if args.quick else dict(SDXL_UNET_CONFIG)
+    latent = (args.size // vae_factor(args)) if args.quick else args.unet_size // 8
+    batches = (2,) if args.quick else (1, 4)
+    with torch.device(device):
+        peer = PeerUNet.from_config(config).to(torch.bfloat16).eval().requires_grad_(False)
+    peers = {"diffusers": peer}
+    if args.torch_compile:
+        peers["diffusers torch.compile"] = torch.compile(peer)
+    impls = {"tdd_jax": None, "tdd_jax cudnn attention": "cudnn"} if gpu else {"tdd_jax": None}
+    ours, state = {}, None
+    for name, impl in impls.items():
+        opts = ModelOptions(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=impl)
+        if state is None:  # one copy of the weights serves every implementation
+            graphdef, state = nnx.split(UNet2DConditionModel(config, opts=opts, rngs=nnx.Rngs(0)))
+        else:
+            graphdef = nnx.graphdef(nnx.eval_shape(lambda opts=opts: UNet2DConditionModel(config, opts=opts,
+                                                                                           rngs=nnx.Rngs(0))))
+        ours[name] = (jax.jit(lambda state, x, t, ctx, pooled, ids, graphdef=graphdef: nnx.merge(graphdef, state)(
+            x, t, ctx, {"text_embeds": pooled, "time_ids": ids})), state)
+    rng = np.random.default_rng(0)
+    ctx_dim = config["cross_attention_dim"]
+    ctx_dim = ctx_dim[0] if isinstance(ctx_dim, (list, tuple)) else ctx_dim
+    pooled_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    results["unet"] = []
+    for b in batches:
+        x = rng.standard_normal((b, latent, latent, config["in_channels"])).astype(np.float32)
+        ctx = rng.standard_normal((b, 77, ctx_dim)).astype(np.float32)
+        pooled = rng.standard_normal((b, pooled_dim)).astype(np.float32)
+        ids = np.tile(np.float32([1024, 1024, 0, 0, 1024, 1024]), (b, 1))
+        t = np.full((b,), 999, np.int32)
+        jx = [jnp.asarray(a, jnp.bfloat16) for a in (x, ctx, pooled)] + [jnp.asarray(ids), jnp.asarray(t)]
+        tx = torch.from_numpy(x).permute(0, 3, 1, 2).to(device, torch.bfloat16)
+        tctx, tpooled = (torch.from_numpy(a).to(device, torch.bfloat16) for a in (ctx, pooled))
+        tids, tt = torch.from_numpy(ids).to(device), torch.from_numpy(t).to(device)
+        sides, errors = {}, {}
+        for name, (fwd, state) in ours.items():
+            def run(fwd=fwd, state=state):
+                fwd(state, jx[0], jx[4], jx[1], jx[2], jx[3]).block_until_ready()
+            try:
+                run()
+            except Exception as e:  # noqa: BLE001 - an implementation this backend lacks is a result, not a crash
+                errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                continue
+            sides[name] = run
+        for name, model in peers.items():
+            def run_peer(model=model):
+                with torch.no_grad():
+                    model(tx, tt, tctx, added_cond_kwargs={"text_embeds": tpooled, "time_ids": tids})
+                if gpu:
+                    torch.cuda.synchronize()
+            sides[name] = run_peer
+        times = interleave(sides, args.repeats)
+        results["unet"].append({"batch": b, "latent": latent, "sides": times, "errors": errors})
+        print(unet_table(results["unet"][-1:]), flush=True)  # each batch as it lands: a GPU lease may end first
+
+
+def unet_table(rows: list[dict]) -> str:
+    """One row per (batch, side): median [min-max] and diffusers eager / side (> 1: faster than diffusers)."""
+    out = ["| UNet forward, bf16 | side | median [min-max] | diffusers / side |", "|---|---|---|---|"]
+    for r in rows:
+        base = r["sides"]["diffusers"]["median_s"]
+        for side, st in r["sides"].items():
+            out.append(f"| batch {r['batch']}, {r['latent']}x{r['latent']} latents | {side} | {fmt(st)} "
+                       f"| {base / st['median_s']:.2f}x |")
+        for side, err in r["errors"].items():
+            out.append(f"| batch {r['batch']}, {r['latent']}x{r['latent']} latents | {side} | failed: {err} | |")
+    return "\n".join(out)
+
+
 def bench_profile(args, results: dict) -> None:
     """Each part of one render timed alone, ours vs diffusers on the same model, batch and threads (interleaved):
     text encoding, one UNet call at B and 2B, the VAE decode, our jitted render, the whole call; our host
@@ -668,6 +759,8 @@ def table(results: dict) -> str:
                      + step_profile.top_table(sp["tdd_jax"]))
     if "profile" in results:
         lines.append(profile_table(results["profile"]))
+    if "unet" in results:
+        lines.append(unet_table(results["unet"]))
     return "\n\n".join(lines)
 
 
@@ -681,6 +774,7 @@ def main(argv=None) -> dict:
     results = {"command": " ".join(["python -m launch.benchmark", *(argv if argv is not None else sys.argv[1:])]),
                "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                "machine": f"{platform.processor() or platform.machine()}, {args.threads} pinned cores, "
+                          f"{jax.devices()[0].device_kind}, "
                           f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}",
                "pipeline": str(args.pipeline), "batch": args.batch, "size": args.size, "repeats": args.repeats,
                "dtype": "float32", "xla_flags": os.environ.get("XLA_FLAGS", "")}
@@ -691,6 +785,8 @@ def main(argv=None) -> dict:
         bench_sample(args, results)
     if "profile" in parts:
         bench_profile(args, results)
+    if "unet" in parts:
+        bench_unet(args, results)
     flags = f"; XLA_FLAGS={results['xla_flags']}" if results["xla_flags"] else ""
     print(f"{results['command']}  ({results['date_utc']} UTC; {results['machine']}; batch {args.batch}, "
           f"{args.size}x{args.size} px, fp32, {args.repeats} interleaved repeats after a warm-up{flags})")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import sys
 
+from tdd_jax.compile_check import cost_model_estimate
+
 GiB = 2**30
 
 
@@ -17,10 +19,18 @@ def _fit(part: dict) -> str:
             f"{part['hbm_bytes'] / GiB:.0f} ({'fits' if part['fits'] else 'does not fit'})")
 
 
+def _cost_model(part: dict) -> str:
+    """'ms | images/s' of the compiler's loop-counted estimate (from the report's raw figures, so reports written
+    before the estimate existed get it too), or 'n/a | ' where it has none."""
+    seconds = cost_model_estimate(part)
+    return "n/a | " if seconds is None else f"{seconds * 1e3:.0f} ms | {part['images'] / seconds:.1f}"
+
+
 def rows(reports: list[dict]) -> list[str]:
     head = ["| topology | devices | program | images (per device) | GiB per device: args + temp = total of HBM "
-            "| FLOPs per device (XLA's figure) | roofline | images/s | compile s | host peak GiB |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| FLOPs per device (XLA's figure) | roofline | images/s | cost model | images/s | compile s "
+            "| host peak GiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     out = []
     for r in reports:
         n = r["num_devices"]
@@ -31,7 +41,7 @@ def rows(reports: list[dict]) -> list[str]:
             xla = "n/a" if p.get("xla_flops") is None else f"{p['xla_flops']:.2e}"
             out.append(f"| {r['topology']} | {n} | {label} | {p['images']} ({p['images'] / n:g}) | {_fit(p)} "
                        f"| {p['flops']:.3e} ({xla}) | {p['roofline_s'] * 1e3:.0f} ms "
-                       f"| {p['roofline_images_per_s']:.1f} | {p['compile_s']:.0f} "
+                       f"| {p['roofline_images_per_s']:.1f} | {_cost_model(p)} | {p['compile_s']:.0f} "
                        f"| {r.get('host_peak_rss_gib', float('nan')):.1f} |")
     return head + out
 

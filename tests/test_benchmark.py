@@ -58,3 +58,14 @@ def test_quick_benchmark_runs_every_part(step_pipeline_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| train step (torch_eager) |" in out and "| student backward |" in out and "| op: NHWC input -> out channels |" in out
     assert "| our train step, remat policy | median [min-max] | none / policy |" in out
+
+
+def test_quick_unet_part(step_pipeline_dir, capsys):
+    """The 'unet' part (the GPU-sized SDXL UNet forward) on the tiny UNet: both sides run, nothing fails."""
+    from launch import benchmark
+
+    results = benchmark.main(["--quick", "--parts", "unet", "--pipeline", str(step_pipeline_dir)])
+    (row,) = results["unet"]
+    assert set(row["sides"]) == {"tdd_jax", "diffusers"} and not row["errors"]
+    assert all(t["median_s"] > 0 for t in row["sides"].values())
+    assert "| UNet forward, bf16 | side | median [min-max] | diffusers / side |" in capsys.readouterr().out

@@ -39,6 +39,8 @@ def test_tpu_step_compiles_and_fsdp_splits_the_weights():
         step = report["train_step"]
         assert step["fits"] and step["hbm_bytes"] == 16 * 2**30
         assert step["flops"] > 0 and step["roofline_images_per_s"] > 0
+        # The TPU compiler's own cost-model time is read and kept beside the FLOP roofline.
+        assert step["xla_optimal_s"] > 0 and step["while_loops"] == 0 and step["cost_model_s"] == step["xla_optimal_s"]
         accounting = step["flop_accounting"]
         assert 1.0 <= accounting["ratio"] <= 1.2, accounting  # the program does no more than the TDD step needs
     # Base weights, LoRA and Adam moments are the arguments: 4-way FSDP holds a quarter of the arrays of at least
@@ -71,3 +73,12 @@ def test_missing_libtpu_names_the_extra(monkeypatch):
 def test_unknown_topology_lists_the_known_ones():
     with pytest.raises(ValueError, match="v5p-8"):
         compile_check.topology_devices("v9-8")
+
+
+def test_cost_model_estimate_counts_loop_bodies_and_drops_unpriced_programs():
+    estimate = compile_check.cost_model_estimate
+    assert estimate({"xla_optimal_s": 0.01, "while_loops": 0, "flops": 10.0, "xla_flops": 10.5}) == 0.01
+    # XLA priced the loop bodies once: its FLOPs are a fifth of the counted ones, so is its time.
+    assert estimate({"xla_optimal_s": 0.01, "while_loops": 2, "flops": 10.0, "xla_flops": 2.0}) == 0.05
+    assert estimate({"xla_optimal_s": -0.9997, "while_loops": 1, "flops": 1.0, "xla_flops": 1.0}) is None
+    assert estimate({"xla_optimal_s": None, "while_loops": 0, "flops": 1.0, "xla_flops": 1.0}) is None

@@ -149,6 +149,8 @@ class CompiledStep(NamedTuple):
     fn: Any  # (state, base_params, batch) -> (state, metrics); the state argument is donated
     memory: dict[str, int]  # bytes per device: arguments, outputs, aliased (donated), temporaries, total
     flops: float | None  # XLA's estimate for one step of one device's program; None where the backend has none
+    optimal_seconds: float | None  # the backend's cost-model time for that program; None where it has none
+    while_loops: int  # while loops in the optimised program (XLA counts each body once in the two above)
 
 
 @dataclasses.dataclass
@@ -449,16 +451,20 @@ def build_train_step(cfg, frozen: FrozenPipeline, schedule: NoiseSchedule, mesh:
 
 
 def compiled_analysis(compiled) -> dict:
-    """{'memory': per-device bytes (argument, output, alias, temp, generated_code, total), 'flops': XLA's FLOPs
-    or None} of a compiled program."""
+    """{'memory': per-device bytes (argument, output, alias, temp, generated_code, total), 'flops': XLA's FLOPs,
+    'optimal_seconds': the backend's cost-model time (the TPU compiler's; None where the backend has none),
+    'while_loops': how many while loops the optimised program holds} of a compiled program. XLA's FLOPs and
+    optimal_seconds both count a while loop's body once."""
     mem = compiled.memory_analysis()
     memory = {name: int(getattr(mem, f"{name}_size_in_bytes", 0) or 0)
               for name in ("argument", "output", "alias", "temp", "generated_code")}
     memory["total"] = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = cost.get("flops") if cost else None
-    return {"memory": memory, "flops": None if flops is None else float(flops)}
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    flops, seconds = cost.get("flops"), cost.get("optimal_seconds")
+    return {"memory": memory, "flops": None if flops is None else float(flops),
+            "optimal_seconds": None if seconds is None else float(seconds),
+            "while_loops": compiled.as_text().count(" while(")}
 
 
 def compile_train_step(step: TrainStep, batch_shapes: dict) -> CompiledStep:
