@@ -47,6 +47,15 @@ class LoRASpec:
             return cls(str(text), **checkpoint)
 
 
+def as_specs(lora, *, step: int | None = None, ema: bool = False) -> list[LoRASpec]:
+    """LoRAs as an API takes them: None, one path, or a sequence of paths and ``LoRASpec``s (bare paths get
+    strength 1 and the given checkpoint ``step``/``ema``)."""
+    if lora is None:
+        return []
+    items = [lora] if isinstance(lora, (str, Path, LoRASpec)) else list(lora)
+    return [item if isinstance(item, LoRASpec) else LoRASpec(str(item), step=step, ema=ema) for item in items]
+
+
 def header_metadata(meta: Mapping, extra: Mapping[str, str] = ()) -> dict[str, str]:
     """Training metadata as safetensors header strings (non-strings JSON-encoded), plus ``extra``."""
     out = {"format": "pt"}

@@ -105,16 +105,6 @@ def load_lora(path: str | Path, models: dict[str, nnx.Module], *, step: int | No
     return _lora_info(path, loras, meta)
 
 
-def lora_specs(lora, *, step: int | None = None, ema: bool = False) -> list[lora_source.LoRASpec]:
-    """``TDDPipeline.from_pretrained``'s ``lora``: None, one path, or a sequence of paths and ``LoRASpec``s
-    (bare paths get strength 1 and the given checkpoint ``step``/``ema``)."""
-    if lora is None:
-        return []
-    items = [lora] if isinstance(lora, (str, Path, lora_source.LoRASpec)) else list(lora)
-    return [item if isinstance(item, lora_source.LoRASpec) else lora_source.LoRASpec(str(item), step=step, ema=ema)
-            for item in items]
-
-
 def read_loras(specs: Sequence[lora_source.LoRASpec], models: dict[str, nnx.Module], *,
                settings_from: int | None = None) -> tuple[list[dict[str, dict]], dict[str, Any] | None]:
     """Read and check every LoRA against the models before any weight changes: ([{component: LoRA}] per spec,
@@ -231,7 +221,7 @@ class TDDPipeline:
         mesh = sharding.make_mesh(data=-1, fsdp=1) if mesh is None else mesh
         placed = sharding.replicated(mesh)
         models = load_components(folder, opts=opts, shardings=placed)
-        specs = lora_specs(lora, step=lora_step, ema=lora_ema)
+        specs = lora_source.as_specs(lora, step=lora_step, ema=lora_ema)
         loras, lora_info = read_loras(specs, models, settings_from=lora_settings_from)
         graphdefs, params = {}, {}
         for name, model in models.items():
