@@ -8,8 +8,9 @@
 W' = W + scale · Σ_i strength_i · (alpha_i/rank_i) · B_i A_i over the ``--lora PATH[:STRENGTH]`` flags, computed
 in float32 per tensor, then cast to ``--dtype`` (default: each tensor's dtype in the base). Every LoRA is read
 and checked before anything is written. The output's header carries the training metadata of the LoRA that
-sets the sampler defaults (``tdd_jax.lora_source.settings_source``; ``--lora_settings_from`` picks it). The folder loads with ``UNet2DConditionModel.from_pretrained`` in diffusers and in
-tdd_jax, and needs no LoRA support at inference time.
+sets the sampler defaults (``tdd_jax.lora_source.settings_source``; ``--lora_settings_from`` picks it). The
+folder loads with ``UNet2DConditionModel.from_pretrained`` in diffusers and in tdd_jax, and needs no LoRA support
+at inference time.
 """
 
 from __future__ import annotations
