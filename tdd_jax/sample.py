@@ -396,8 +396,7 @@ def prepare(job: SampleJob) -> Plan:
     height = default_height if job.height is None else job.height
     width = default_width if job.width is None else job.width
     geometry.latent_shape(height, width)
-    specs_of_loras = job.lora_specs()
-    metas = [(spec.path, lora_source.read_metadata(spec.path, step=spec.step)) for spec in specs_of_loras]
+    metas = [(spec.path, lora_source.read_metadata(spec.path, step=spec.step)) for spec in job.lora_specs()]
     source = lora_source.settings_source(metas, job.lora_settings_from)
     meta = None if source is None else metas[source][1]
     settings, sources = resolve_settings(job, meta, None if source is None else metas[source][0])
