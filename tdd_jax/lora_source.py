@@ -4,12 +4,16 @@ One dispatch for everything that reads a LoRA (the pipeline, the fused-UNet conv
 file and a checkpoint are told apart in one place. Both carry the trainer's metadata
 (``training.checkpointing.lora_metadata``): a checkpoint as JSON, an exported file in its safetensors header,
 strings as they are and every other value JSON-encoded (``header_metadata``; ``read_header`` reverses it).
+
+Several LoRAs (a distillation LoRA stacked with style LoRAs) are ``LoRASpec`` lists; the sampler defaults come
+from the one LoRA whose metadata records distillation settings (``settings_source``), never from a guess.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,36 @@ from tdd_jax.models import lora_formats
 # The metadata that says how a LoRA was trained and that sampling needs (None where a LoRA does not record it):
 # the guidance range and mode (guidance-scale tuning, paper Eq. 14) and the solver grid of its timesteps.
 TRAINED_WITH = ("method", "step", "ema", "w_min", "w_max", "guidance_mode", "solver_steps", "k_min", "k_max")
+# The TRAINED_WITH entries that set sampler defaults: a LoRA recording any of them is a distillation LoRA.
+SAMPLER_DEFAULTS = ("w_min", "w_max", "guidance_mode", "solver_steps", "k_min", "k_max")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASpec:
+    """One LoRA to load: a file or trainer checkpoint (``step``/``ema`` pick its adapter) and its strength."""
+
+    path: str
+    scale: float = 1.0
+    step: int | None = None
+    ema: bool = False
+
+    @classmethod
+    def parse(cls, text: str, **checkpoint) -> LoRASpec:
+        """``PATH`` or ``PATH:SCALE`` (as ``--lora`` takes it): a number after the last ':' is the strength."""
+        path, sep, tail = str(text).rpartition(":")
+        try:
+            return cls(path, float(tail), **checkpoint) if sep and path else cls(str(text), **checkpoint)
+        except ValueError:
+            return cls(str(text), **checkpoint)
+
+
+def as_specs(lora, *, step: int | None = None, ema: bool = False) -> list[LoRASpec]:
+    """LoRAs as an API takes them: None, one path, or a sequence of paths and ``LoRASpec``s (bare paths get
+    strength 1 and the given checkpoint ``step``/``ema``)."""
+    if lora is None:
+        return []
+    items = [lora] if isinstance(lora, (str, Path, LoRASpec)) else list(lora)
+    return [item if isinstance(item, LoRASpec) else LoRASpec(str(item), step=step, ema=ema) for item in items]
 
 
 def header_metadata(meta: Mapping, extra: Mapping[str, str] = ()) -> dict[str, str]:
@@ -90,5 +124,33 @@ def read_lora(path: str | Path, shapes: Mapping[str, Mapping[str, tuple[int, ...
     from tdd_jax.training.checkpointing import checkpoint_lora  # orbax: only for trainer checkpoints
 
     lora, meta = checkpoint_lora(path, step=step, ema=ema)
-    lora_formats.check_fits(lora, shapes["unet"], "the base UNet")
+    try:
+        lora_formats.check_fits(lora, shapes["unet"], "the base UNet")
+    except lora_formats.LoRAFormatError as e:
+        raise lora_formats.LoRAFormatError(f"{path}: {e}") from None
     return {"unet": lora}, meta
+
+
+def settings_source(metas: Sequence[tuple[str, Mapping[str, Any]]], settings_from: int | None = None) -> int | None:
+    """Which of several LoRAs' metadata ((label, metadata) each) sets the sampler defaults (grid, w range).
+
+    ``settings_from`` (an index) when given; else the LoRA whose metadata records distillation settings
+    (``SAMPLER_DEFAULTS``), None when none does. Two that record different settings are a ValueError naming both
+    (identical records, e.g. the same LoRA twice, agree).
+    """
+    if settings_from is not None:
+        if not 0 <= settings_from < len(metas):
+            raise ValueError(f"lora_settings_from={settings_from} is not the index of one of the {len(metas)} "
+                             f"LoRAs (0 = the first)")
+        return settings_from
+    recorded = [i for i, (_, meta) in enumerate(metas) if any(meta.get(k) is not None for k in SAMPLER_DEFAULTS)]
+    first = {k: metas[recorded[0]][1].get(k) for k in SAMPLER_DEFAULTS} if recorded else {}
+    for i in recorded[1:]:
+        other = {k: metas[i][1].get(k) for k in SAMPLER_DEFAULTS}
+        differ = [f"{k}={first[k]!r} vs {other[k]!r}" for k in SAMPLER_DEFAULTS if first[k] != other[k]]
+        if differ:
+            raise ValueError(f"LoRAs {metas[recorded[0]][0]} (index {recorded[0]}) and {metas[i][0]} (index {i}) "
+                             f"both record distillation settings and they differ ({', '.join(differ)}): set "
+                             "lora_settings_from (--lora_settings_from) to the index of the one that sets the "
+                             "sampler defaults")
+    return recorded[0] if recorded else None

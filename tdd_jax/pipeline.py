@@ -84,19 +84,43 @@ class ImageGeometry:
         return height // self.vae_factor, width // self.vae_factor, self.latent_channels
 
 
-def load_lora(path: str | Path, models: dict[str, nnx.Module], *, step: int | None = None,
-              ema: bool = False) -> dict[str, Any]:
-    """Attach a LoRA (``lora_source.read_lora``: a file or a trainer checkpoint) to the loaded models in place.
-
-    Returns what metadata should say about it: the path, the adapted modules per component and how it was
-    trained (``lora_source.TRAINED_WITH``: the distillation guidance w' and teacher grid among them).
-    """
-    shapes = {name: lora_formats.layer_shapes(models[name]) for name in lora_formats.COMPONENTS if name in models}
-    loras, meta = lora_source.read_lora(path, shapes, step=step, ema=ema)
-    for name, lora in loras.items():
-        lora_formats.attach(models[name], lora)
+def _lora_info(path: str | Path, loras: dict[str, dict], meta: dict[str, Any]) -> dict[str, Any]:
+    """What metadata should say about one LoRA: its path, adapted modules per component and how it was trained
+    (``lora_source.TRAINED_WITH``: the distillation guidance w' and teacher grid among them)."""
     return {"lora": str(path), "modules": {name: len(lora) for name, lora in loras.items()},
             **lora_source.trained_with(meta)}
+
+
+def _shapes(models: dict[str, nnx.Module]) -> dict[str, dict[str, tuple[int, ...]]]:
+    return {name: lora_formats.layer_shapes(models[name]) for name in lora_formats.COMPONENTS if name in models}
+
+
+def load_lora(path: str | Path, models: dict[str, nnx.Module], *, step: int | None = None,
+              ema: bool = False) -> dict[str, Any]:
+    """Attach one LoRA (``lora_source.read_lora``: a file or a trainer checkpoint) to the loaded models in place,
+    as unfused branches; returns ``_lora_info``. (``TDDPipeline`` merges LoRAs into the weights instead.)"""
+    loras, meta = lora_source.read_lora(path, _shapes(models), step=step, ema=ema)
+    for name, lora in loras.items():
+        lora_formats.attach(models[name], lora)
+    return _lora_info(path, loras, meta)
+
+
+def read_loras(specs: Sequence[lora_source.LoRASpec], models: dict[str, nnx.Module], *,
+               settings_from: int | None = None) -> tuple[list[dict[str, dict]], dict[str, Any] | None]:
+    """Read and check every LoRA against the models before any weight changes: ([{component: LoRA}] per spec,
+    lora_info). lora_info holds the ``TRAINED_WITH`` entries of the LoRA that sets the sampler defaults
+    (``lora_source.settings_source``; all None when no LoRA records them), its index as ``settings_from``, and
+    per LoRA ``_lora_info`` plus its ``scale``; None without LoRAs."""
+    if not specs:
+        return [], None
+    shapes = _shapes(models)
+    read = [lora_source.read_lora(spec.path, shapes, step=spec.step, ema=spec.ema) for spec in specs]
+    source = lora_source.settings_source([(spec.path, meta) for spec, (_, meta) in zip(specs, read)],
+                                         settings_from)
+    info = {**lora_source.trained_with({} if source is None else read[source][1]), "settings_from": source,
+            "loras": [{**_lora_info(spec.path, loras, meta), "scale": spec.scale}
+                      for spec, (loras, meta) in zip(specs, read)]}
+    return [loras for loras, _ in read], info
 
 
 def _as_list(value, n: int, name: str) -> list:
@@ -109,27 +133,44 @@ def _as_list(value, n: int, name: str) -> list:
     return value
 
 
+def _as_images(images: np.ndarray, n: int) -> np.ndarray:
+    """(n, H, W, 3) float32 in [0, 1] from uint8 or float images, one (H, W, 3) image repeated for all."""
+    images = np.asarray(images)
+    images = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
+    images = np.broadcast_to(images, (n, *images.shape)) if images.ndim == 3 else images
+    if images.ndim != 4 or images.shape[0] != n or images.shape[-1] != 3:
+        raise ValueError(f"init_images have shape {images.shape}, expected ({n}, H, W, 3) or (H, W, 3)")
+    if images.min() < 0.0 or images.max() > 1.0:
+        raise ValueError("float init_images must be in [0, 1]")
+    return images
+
+
 def _pad(array: np.ndarray, n: int) -> np.ndarray:
     """Fill the batch up to n rows with copies of row 0 (their outputs are dropped)."""
     return np.concatenate([array, np.repeat(array[:1], n - len(array), axis=0)]) if n > len(array) else array
 
 
 class TDDPipeline:
-    """Loaded SDXL components (+ optional LoRA merged into the weights) and their compiled render functions.
+    """Loaded SDXL components (+ optional LoRAs merged into the weights) and their compiled render functions.
 
-    A loaded LoRA is merged once, W + scale·B·A per adapted layer (``lora.merge_weights``), so sampling runs the
-    plain models at base-model speed; the unmerged ``base_params`` are kept, so ``set_lora_scale`` re-merges
-    from them (0 gives back exactly the base weights) and never recompiles: the weights are arguments of the
-    compiled function and the graphs carry no LoRA. Inputs and outputs are host numpy arrays of one process
+    Loaded LoRAs are merged once, W + Σ_i scale_i·B_i·A_i per adapted layer (``lora.merge_weights``; several
+    LoRAs add up as in diffusers' ``set_adapters`` + ``fuse_lora``), so sampling runs the plain models at
+    base-model speed; the unmerged ``base_params`` are kept, so ``set_lora_scale`` / ``set_lora_scales``
+    re-merge from them (0 gives back exactly the base weights) and never recompile: the weights are arguments of
+    the compiled function and the graphs carry no LoRA. Inputs and outputs are host numpy arrays of one process
     (multi-host jobs: one job per host).
     """
 
     def __init__(self, *, graphdefs: dict, params: dict, tokenizers: tuple, schedule: NoiseSchedule,
-                 geometry: ImageGeometry, mesh: Mesh, loras: dict | None = None, lora_scale: float = 1.0,
+                 geometry: ImageGeometry, mesh: Mesh, loras: Sequence[dict[str, dict]] = (),
+                 lora_scales: Sequence[float] | None = None, lora_scale: float = 1.0,
                  lora_info: dict | None = None):
+        """``loras``: one {component: {module path: ModuleLoRA}} per LoRA, with its strength in ``lora_scales``
+        (default 1 each); ``lora_scale`` multiplies them all."""
         self._graphdefs = graphdefs
         self.base_params = params
-        self.loras = {name: lora for name, lora in (loras or {}).items() if lora}
+        self._loras = [{name: {path: (jnp.asarray(m.down), jnp.asarray(m.up), m.scale) for path, m in lora.items()}
+                        for name, lora in loras_of.items() if lora} for loras_of in loras]
         self.tokenizers = tokenizers
         self.schedule = schedule
         self.geometry = geometry
@@ -137,36 +178,58 @@ class TDDPipeline:
         self.lora_info = lora_info
         self._render = jax.jit(self._render_impl, static_argnames=("settings", "latent_shape", "output_type"),
                                out_shardings=sharding.replicated(mesh))
+        self.lora_scales = [1.0] * len(self._loras) if lora_scales is None else [float(s) for s in lora_scales]
         self.set_lora_scale(lora_scale)
 
+    def set_lora_scales(self, scales: Sequence[float]) -> None:
+        """Each loaded LoRA's strength (in loading order); re-merges from the base weights."""
+        scales = [float(s) for s in scales]
+        if len(scales) != len(self._loras):
+            raise ValueError(f"{len(scales)} LoRA scales given for {len(self._loras)} loaded LoRAs")
+        self.lora_scales = scales
+        self.set_lora_scale(self.lora_scale)
+
     def set_lora_scale(self, scale: float) -> None:
-        """Sample with the loaded LoRA at ``scale``: ``params`` become the base weights with the LoRA merged."""
+        """Sample with every loaded LoRA at its strength times ``scale``: ``params`` become the base weights with
+        the LoRAs merged."""
         self.lora_scale = float(scale)
         self.params = dict(self.base_params)
-        if self.lora_scale:
-            merged = {name: lora_lib.merge_weights(self.base_params[name], lora, self.lora_scale)
-                      for name, lora in self.loras.items()}
-            self.params.update(jax.device_put(merged, sharding.replicated(self.mesh)))
+        weighted = [(lora, strength * self.lora_scale) for lora, strength in zip(self._loras, self.lora_scales)
+                    if strength * self.lora_scale]
+        merged = {name: lora_lib.merge_weights(self.base_params[name],
+                                               [(lora[name], s) for lora, s in weighted if name in lora])
+                  for name in self.base_params if any(name in lora for lora, _ in weighted)}
+        self.params.update(jax.device_put(merged, sharding.replicated(self.mesh)))
 
     @classmethod
-    def from_pretrained(cls, pipeline_dir: str | Path, *, lora: str | Path | None = None, lora_scale: float = 1.0,
-                        lora_step: int | None = None, lora_ema: bool = False, opts: ModelOptions = ModelOptions(),
-                        mesh: Mesh | None = None) -> TDDPipeline:
+    def from_pretrained(cls, pipeline_dir: str | Path, *, lora=None, lora_scale: float = 1.0,
+                        lora_step: int | None = None, lora_ema: bool = False, lora_settings_from: int | None = None,
+                        opts: ModelOptions = ModelOptions(), mesh: Mesh | None = None) -> TDDPipeline:
         """Load a diffusers SDXL pipeline folder (tokenizers from local files only), replicated over ``mesh``
-        (default: every device on one data axis), with an optional LoRA (see ``load_lora``)."""
+        (default: every device on one data axis), with optional LoRAs merged into the weights.
+
+        lora: one path (a diffusers/PEFT or kohya ``.safetensors`` file, or a trainer workdir / checkpoint
+        folder at ``lora_step`` or the latest, its EMA adapter with ``lora_ema``), or a sequence of paths and
+        ``lora_source.LoRASpec(path, scale)``s stacked in that order, e.g. ``[LoRASpec("tdd.safetensors", 1.0),
+        LoRASpec("papercut.safetensors", 0.8)]``; ``lora_scale`` multiplies every strength. The sampler defaults
+        in ``lora_info`` come from the LoRA whose metadata records distillation settings, or from the one at
+        index ``lora_settings_from`` (``lora_source.settings_source``). Every LoRA is read and checked before
+        any weight changes: an unsupported format (LoHa, LoKr, text-encoder-only, another architecture's keys
+        or shapes) is a ``LoRAFormatError`` naming the file."""
         folder = check_pipeline_dir(pipeline_dir)
         geometry = ImageGeometry.from_pretrained(folder)
         mesh = sharding.make_mesh(data=-1, fsdp=1) if mesh is None else mesh
         placed = sharding.replicated(mesh)
         models = load_components(folder, opts=opts, shardings=placed)
-        lora_info = None if lora is None else load_lora(lora, models, step=lora_step, ema=lora_ema)
-        graphdefs, params, loras = {}, {}, {}
+        specs = lora_source.as_specs(lora, step=lora_step, ema=lora_ema)
+        loras, lora_info = read_loras(specs, models, settings_from=lora_settings_from)
+        graphdefs, params = {}, {}
         for name, model in models.items():
-            loras[name] = lora_lib.detach_lora(model)  # the graphs stay LoRA-free; the LoRA is merged in
             graphdefs[name], params[name] = nnx.split(model)
         return cls(graphdefs=graphdefs, params=jax.device_put(params, placed),
                    tokenizers=conditioning.load_tokenizers(folder), schedule=NoiseSchedule.from_pretrained(folder),
-                   geometry=geometry, mesh=mesh, loras=loras, lora_scale=lora_scale, lora_info=lora_info)
+                   geometry=geometry, mesh=mesh, loras=loras,
+                   lora_scales=[spec.scale for spec in specs], lora_scale=lora_scale, lora_info=lora_info)
 
     @property
     def num_batch_shards(self) -> int:
@@ -191,22 +254,28 @@ class TDDPipeline:
             uncond = conditioning.Cond(jnp.where(use[:, None, None], embeds[b:], zero.prompt_embeds),
                                        jnp.where(use[:, None], pooled[b:], zero.pooled), batch["time_ids"])
         return render(unet, vae, self.schedule, settings, batch["seeds"], latent_shape, cond, uncond,
-                      x_T=batch.get("latents"), output_type=output_type)
+                      x_T=batch.get("latents"), init_images=batch.get("init_images"), output_type=output_type)
 
     def __call__(self, prompts: str | Sequence[str], settings: SamplerSettings = SamplerSettings(), *,
                  seeds: int | Sequence[int] = 0, negative_prompts: str | Sequence[str | None] | None = None,
                  height: int | None = None, width: int | None = None, latents: np.ndarray | None = None,
-                 output_type: str = "uint8", batch_size: int | None = None) -> np.ndarray:
+                 init_images: np.ndarray | None = None, output_type: str = "uint8",
+                 batch_size: int | None = None) -> np.ndarray:
         """Render one image per prompt: (B, H, W, 3) uint8, or floats in [0, 1], or the final latents.
 
         seeds: one per prompt (or one for all). negative_prompts: None (SDXL's zero unconditional embedding), or
         a string / per-prompt list where None entries keep the zero embedding; unused without CFG (guidance
-        scale 1 and no w'). Time ids are (height, width, 0, 0, height, width). latents: optional initial
-        latents (B, h, w, C) NHWC instead of the seeds' noise (the renoise noise still comes from the seeds).
+        scale 1 and no w'). Time ids are (height, width, 0, 0, height, width). latents: optional initial noise
+        (B, h, w, C) NHWC instead of the seeds' draw (the renoise noise still comes from the seeds): x_T, or
+        with init_images the noise added to their encoding. init_images: img2img from (B, H, W, 3) uint8 or
+        floats in [0, 1] (one (H, W, 3) image for all prompts too), of size height x width (default: theirs);
+        ``settings.strength`` says how far they are noised (diffusers' StableDiffusionXLImg2ImgPipeline).
         batch_size: pad the batch to at least this many rows, so a ragged last batch reuses the compiled
         function; it is also padded to a multiple of ``num_batch_shards``.
         """
         settings.validate()
+        if init_images is None and settings.strength < 1.0:
+            raise ValueError(f"strength={settings.strength} < 1 is img2img: it needs init_images")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -217,9 +286,15 @@ class TDDPipeline:
         bad = [s for s in seeds if not 0 <= int(s) <= MAX_SEED]
         if bad:
             raise ValueError(f"seeds must be integers in [0, {MAX_SEED}], got {bad[:5]}")
+        if init_images is not None:
+            init_images = _as_images(init_images, n)
+            height, width = init_images.shape[1:3] if height is None and width is None else (height, width)
         height = self.geometry.default_size if height is None else int(height)
         width = self.geometry.default_size if width is None else int(width)
         latent_shape = self.geometry.latent_shape(height, width)
+        if init_images is not None and init_images.shape[1:3] != (height, width):
+            raise ValueError(f"init_images are {init_images.shape[2]}x{init_images.shape[1]} (WxH), the images "
+                             f"asked for {width}x{height}")
 
         batch = {"ids": conditioning.tokenize(self.tokenizers[0], prompts),
                  "ids_2": conditioning.tokenize(self.tokenizers[1], prompts),
@@ -236,6 +311,8 @@ class TDDPipeline:
             if latents.shape != (n, *latent_shape):
                 raise ValueError(f"latents have shape {latents.shape}, expected {(n, *latent_shape)} (NHWC)")
             batch["latents"] = latents
+        if init_images is not None:
+            batch["init_images"] = init_images
 
         shards = self.num_batch_shards
         padded = -(-max(n, batch_size or 0) // shards) * shards

@@ -1,6 +1,8 @@
 """Batch sampling job: render a prompt file with the TDD sampler into PNGs, a metadata JSONL and a contact sheet.
 
     python -m tdd_jax.sample --pipeline=DIR --prompts=prompts.txt --out=samples/ [--lora=lora.safetensors]
+        [--lora=tdd.safetensors:1.0 --lora=papercut.safetensors:0.8 --lora_settings_from=N]
+        [--init_image=photo.png --strength=0.5]
         [--steps=4 --gamma=0.2 --guidance_scale=1.7 --w_prime=auto|W --grid_steps=auto|N --non_equidistant]
         [--seed=0 --height=1024 --width=1024 --batch_size=4 --dtype=bfloat16 --num_shards=N --shard_index=K]
 
@@ -13,7 +15,16 @@ checked before anything is written; PNGs appear atomically and each gets its met
 Settings from the LoRA. ``--grid_steps`` defaults to the solver grid the LoRA records (``solver_steps``), else
 250; ``--w_prime=auto`` is w' = (w_min + w_max)/2 of the LoRA's training guidance (paper Eq. 14). w' is refused
 on a student distilled in guidance mode 'official' unless ``--allow_w_prime_official``. Each setting's flag,
-default and help come from its ``SamplerSettings`` field.
+default and help come from its ``SamplerSettings`` field. With several ``--lora PATH[:STRENGTH]`` (merged into
+the weights together, any mix of trainer checkpoints, diffusers/PEFT and kohya files) the settings come from the
+one whose metadata records distillation settings; two that record different ones are an error unless
+``--lora_settings_from`` names the index of the one to use.
+
+img2img. ``--init_image`` (or an 'init_image' field per JSONL prompt, relative to the prompt file's folder)
+starts from that image as diffusers' StableDiffusionXLImg2ImgPipeline does: VAE-encoded, noised to the first of
+the last int(steps x ``--strength``) timesteps, which then run. The image size defaults to the init images'
+(when they all share one, rounded down to the pipeline's multiple); images of another size are resized to
+--height x --width (Lanczos). Every prompt needs an init image once one has.
 
 Several processes, one folder. Process k of n (``--num_shards/--shard_index``, by default jax.process_count()
 and jax.process_index()) renders the images whose index is k mod n. They share one ``metadata.jsonl``, appended
@@ -84,10 +95,14 @@ class SampleJob:
     out: str = _flag(help="output folder")
     settings: SamplerSettings = SamplerSettings()
     from_lora: frozenset[str] = frozenset({"grid_steps"})
-    lora: str | None = _flag(None, "LoRA .safetensors (diffusers/kohya) or trainer workdir / checkpoint folder")
-    lora_scale: float = _flag(1.0, "LoRA multiplier")
+    lora: tuple[str, ...] = _flag((), "PATH[:STRENGTH]: a LoRA .safetensors (diffusers/PEFT/kohya) or trainer "
+                                  "workdir / checkpoint folder; repeat the flag to stack LoRAs (strength default 1)")
+    lora_scale: float = _flag(1.0, "LoRA multiplier (of every --lora's strength)")
     lora_step: int | None = _flag(None, "checkpoint step of a trainer LoRA (default: the latest)")
     lora_ema: bool = _flag(False, "use the EMA LoRA of a trainer checkpoint")
+    lora_settings_from: int | None = _flag(None, "index of the --lora (0 = the first) whose metadata sets the "
+                                           "sampler defaults (default: the one recording distillation settings)")
+    init_image: str | None = _flag(None, "img2img: init image file for prompts without their own 'init_image'")
     allow_w_prime_official: bool = _flag(False, "use w' on a student trained in guidance mode 'official' anyway "
                                          "(a warning instead of the refusal)")
     negative_prompt: str | None = _flag(None, "negative prompt for prompts without their own (unset: SDXL's "
@@ -105,6 +120,14 @@ class SampleJob:
     sheet_thumb: int = _flag(256, "contact-sheet thumbnail size in pixels")
     sheet_max: int = _flag(64, "images on the contact sheet (the first N)")
     sheet_wait: float = _flag(300.0, "shard 0: seconds to wait for the other shards' contact-sheet images")
+
+    def __post_init__(self):
+        """One LoRA may be given as a plain string (or None for none)."""
+        lora = () if self.lora is None else (self.lora,) if isinstance(self.lora, (str, Path)) else self.lora
+        object.__setattr__(self, "lora", tuple(str(item) for item in lora))
+
+    def lora_specs(self) -> list[lora_source.LoRASpec]:
+        return [lora_source.LoRASpec.parse(text, step=self.lora_step, ema=self.lora_ema) for text in self.lora]
 
     def shard(self) -> tuple[int, int]:
         """(num_shards, shard_index), the unset ones from the JAX processes; ValueError for an impossible pair."""
@@ -128,10 +151,13 @@ class Plan:
     shard_index: int
 
 
-def read_prompts(path: str | Path, base_seed: int, negative_prompt: str | None = None) -> list[dict[str, Any]]:
-    """[{'prompt', 'seed', 'negative_prompt'}] from a .txt or .jsonl file; blank lines are skipped.
+def read_prompts(path: str | Path, base_seed: int, negative_prompt: str | None = None,
+                 init_image: str | None = None) -> list[dict[str, Any]]:
+    """[{'prompt', 'seed', 'negative_prompt'} (+ 'init_image')] from a .txt or .jsonl file; blank lines are skipped.
 
     A JSONL 'negative_prompt': null asks for SDXL's zero unconditional embedding even when a default is given.
+    'init_image' (img2img) is there where the prompt or the default ``init_image`` gives one, as an absolute path
+    (a JSONL entry's relative to the prompt file's folder).
     """
     path = Path(path)
     if path.suffix not in (".txt", ".jsonl"):
@@ -145,6 +171,8 @@ def read_prompts(path: str | Path, base_seed: int, negative_prompt: str | None =
     specs = []
     for i, (n, line) in enumerate(lines):
         spec = {"prompt": line, "seed": base_seed + i, "negative_prompt": negative_prompt}
+        if init_image is not None:
+            spec["init_image"] = str(Path(init_image).resolve())
         if path.suffix == ".jsonl":
             try:
                 entry = json.loads(line)
@@ -152,9 +180,14 @@ def read_prompts(path: str | Path, base_seed: int, negative_prompt: str | None =
                 raise ValueError(f"{path}:{n}: not a JSON object ({e})") from None
             if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
                 raise ValueError(f"{path}:{n}: expected an object with a string 'prompt'")
-            unknown = set(entry) - set(spec)
+            fields = {"prompt", "seed", "negative_prompt", "init_image"}
+            unknown = set(entry) - fields
             if unknown:
-                raise ValueError(f"{path}:{n}: unknown fields {sorted(unknown)} (expected {sorted(spec)})")
+                raise ValueError(f"{path}:{n}: unknown fields {sorted(unknown)} (expected {sorted(fields)})")
+            if "init_image" in entry:
+                if not isinstance(entry["init_image"], str):
+                    raise ValueError(f"{path}:{n}: 'init_image' must be a file path")
+                entry["init_image"] = str((path.parent / entry["init_image"]).resolve())
             negative = entry.get("negative_prompt")
             if not isinstance(entry.get("seed", 0), int) or not (negative is None or isinstance(negative, str)):
                 raise ValueError(f"{path}:{n}: 'seed' must be an integer and 'negative_prompt' a string or null")
@@ -163,28 +196,30 @@ def read_prompts(path: str | Path, base_seed: int, negative_prompt: str | None =
     return specs
 
 
-def resolve_settings(job: SampleJob, meta: dict[str, Any] | None) -> tuple[SamplerSettings, dict[str, str]]:
+def resolve_settings(job: SampleJob, meta: dict[str, Any] | None,
+                     source: str | None = None) -> tuple[SamplerSettings, dict[str, str]]:
     """(the sampler settings with ``job.from_lora`` filled from the LoRA's metadata, where each came from).
 
-    ``meta``: the LoRA's metadata (None without a LoRA). ValueError when ``--w_prime=auto`` finds no guidance
-    range, or when w' would be used on a student trained in guidance mode 'official' without the override.
+    ``meta``: the metadata of the LoRA ``source`` that sets the sampler defaults (``lora_source.settings_source``;
+    None when no LoRA does). ValueError when ``--w_prime=auto`` finds no guidance range, or when w' would be used
+    on a student trained in guidance mode 'official' without the override.
     """
     unknown = sorted(job.from_lora - set(FROM_LORA))
     if unknown:
         raise ValueError(f"from_lora={unknown}: only {FROM_LORA} can come from the LoRA's metadata")
     settings, sources, meta = job.settings, {}, meta or {}
-    what = f"--lora {job.lora}"
+    what = f"--lora {source if source is not None else ', '.join(job.lora)}"
     if "grid_steps" not in job.from_lora:
         sources["grid_steps"] = "--grid_steps"
     elif meta.get("solver_steps") is not None:
         settings = dataclasses.replace(settings, grid_steps=int(meta["solver_steps"]))
         sources["grid_steps"] = f"the LoRA's metadata (solver_steps={settings.grid_steps})"
     else:
-        sources["grid_steps"] = f"the default ({'no LoRA' if job.lora is None else what + ' records no solver_steps'})"
+        sources["grid_steps"] = f"the default ({what + ' records no solver_steps' if job.lora else 'no LoRA'})"
     if "w_prime" in job.from_lora:
-        if job.lora is None or meta.get("w_min") is None or meta.get("w_max") is None:
+        if not job.lora or meta.get("w_min") is None or meta.get("w_max") is None:
             raise ValueError(f"--w_prime=auto needs a LoRA whose metadata records its training guidance range "
-                             f"(w_min, w_max); {'no --lora given' if job.lora is None else what + ' has none'}: "
+                             f"(w_min, w_max); {what + ' has none' if job.lora else 'no --lora given'}: "
                              "pass --w_prime=W")
         w = (float(meta["w_min"]) + float(meta["w_max"])) / 2
         settings = dataclasses.replace(settings, w_prime=w)
@@ -202,17 +237,50 @@ def resolve_settings(job: SampleJob, meta: dict[str, Any] | None) -> tuple[Sampl
     return settings.validate(), sources
 
 
+def init_image_size(specs: list[dict[str, Any]]) -> tuple[int, int] | None:
+    """(width, height) shared by every prompt's init image (None when they differ or there are none);
+    ValueError when some prompts have one and others not, or a file is not a readable image."""
+    paths = [spec.get("init_image") for spec in specs]
+    if not any(paths):
+        return None
+    if not all(paths):
+        lacking = [i for i, p in enumerate(paths) if not p][:5]
+        raise ValueError(f"prompts {lacking} have no init image while others do: give --init_image as the "
+                         "default or an 'init_image' for every prompt")
+    sizes = set()
+    for path in dict.fromkeys(paths):
+        try:
+            with Image.open(path) as im:
+                sizes.add(im.size)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"init image {path} cannot be read as an image ({type(e).__name__}: {e})") from None
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def load_init_image(path: str | Path, width: int, height: int) -> np.ndarray:
+    """An init image as (height, width, 3) uint8 RGB, resized (Lanczos, as diffusers' VaeImageProcessor) if its
+    size differs."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.size != (width, height):
+            im = im.resize((width, height), Image.Resampling.LANCZOS)
+        return np.asarray(im)
+
+
 def plan_images(job: SampleJob, settings: SamplerSettings, specs: list[dict[str, Any]], height: int, width: int,
                 trained: dict[str, Any] | None, sources: dict[str, str]) -> list[dict[str, Any]]:
     """One metadata record per image, its deterministic ``file`` name included. The digest covers what decides
     the image, not where a setting came from or how the job is sharded."""
     common = {"height": height, "width": width, **dataclasses.asdict(settings),
               "timesteps": list(settings.timesteps()), "pipeline": str(Path(job.pipeline).resolve()),
-              "lora": None if job.lora is None else str(Path(job.lora).resolve()), "lora_scale": job.lora_scale,
-              "lora_step": job.lora_step, "lora_ema": job.lora_ema, "lora_trained": trained, "dtype": job.dtype}
+              "lora": [[str(Path(spec.path).resolve()), spec.scale] for spec in job.lora_specs()] or None,
+              "lora_scale": job.lora_scale, "lora_step": job.lora_step, "lora_ema": job.lora_ema,
+              "lora_settings_from": job.lora_settings_from, "lora_trained": trained, "dtype": job.dtype}
     records = []
     for index, spec in enumerate(specs):
         record = {**spec, **common}
+        if "init_image" in spec:  # the image itself decides the sample, not just its path
+            record["init_image_sha256"] = hashlib.sha256(Path(spec["init_image"]).read_bytes()).hexdigest()
         digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
         records.append({"index": index, "file": f"{index:05d}_{digest}.png", **record,
                         **{f"{name}_from": source for name, source in sources.items()}})
@@ -312,16 +380,26 @@ def prepare(job: SampleJob) -> Plan:
     if job.dtype not in DTYPES:
         raise ValueError(f"dtype={job.dtype!r} is not one of {DTYPES}")
     num_shards, shard_index = job.shard()
-    specs = read_prompts(job.prompts, job.seed, job.negative_prompt)
+    specs = read_prompts(job.prompts, job.seed, job.negative_prompt, job.init_image)
     bad = [spec["seed"] for spec in specs if not 0 <= spec["seed"] <= MAX_SEED]
     if bad:
         raise ValueError(f"seeds must be in [0, {MAX_SEED}], got {bad[:5]}")
     geometry = ImageGeometry.from_pretrained(check_pipeline_dir(job.pipeline))
-    height = geometry.default_size if job.height is None else job.height
-    width = geometry.default_size if job.width is None else job.width
+    init_size = init_image_size(specs)
+    if "init_image" not in specs[0] and job.settings.strength < 1.0:
+        raise ValueError(f"--strength={job.settings.strength} < 1 is img2img: it needs --init_image (or an "
+                         "'init_image' per JSONL prompt)")
+    if "init_image" in specs[0] and init_size is None and (job.height is None or job.width is None):
+        raise ValueError("the init images differ in size: give --height and --width (they are resized to it)")
+    default_width, default_height = (geometry.default_size,) * 2 if init_size is None else (
+        max(geometry.multiple, v - v % geometry.multiple) for v in init_size)
+    height = default_height if job.height is None else job.height
+    width = default_width if job.width is None else job.width
     geometry.latent_shape(height, width)
-    meta = None if job.lora is None else lora_source.read_metadata(job.lora, step=job.lora_step)
-    settings, sources = resolve_settings(job, meta)
+    metas = [(spec.path, lora_source.read_metadata(spec.path, step=spec.step)) for spec in job.lora_specs()]
+    source = lora_source.settings_source(metas, job.lora_settings_from)
+    meta = None if source is None else metas[source][1]
+    settings, sources = resolve_settings(job, meta, None if source is None else metas[source][0])
     out = Path(job.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a folder")
@@ -334,8 +412,8 @@ def prepare(job: SampleJob) -> Plan:
 def load_pipeline(job: SampleJob) -> TDDPipeline:
     """The pipeline on this process's devices (each process of a multi-host job renders its own share)."""
     dtype = jnp.dtype(job.dtype)
-    return TDDPipeline.from_pretrained(job.pipeline, lora=job.lora, lora_scale=job.lora_scale,
-                                       lora_step=job.lora_step, lora_ema=job.lora_ema,
+    return TDDPipeline.from_pretrained(job.pipeline, lora=job.lora_specs(), lora_scale=job.lora_scale,
+                                       lora_settings_from=job.lora_settings_from,
                                        opts=ModelOptions(dtype=dtype, param_dtype=dtype),
                                        mesh=sharding.make_mesh(data=-1, fsdp=1, devices=jax.local_devices()))
 
@@ -356,9 +434,12 @@ def _render_todo(job: SampleJob, plan: Plan, pipe: TDDPipeline, log: MetadataLog
         pending = collections.deque()
         for begin in range(0, len(plan.todo), job.batch_size):
             batch = plan.todo[begin:begin + job.batch_size]
+            height, width = batch[0]["height"], batch[0]["width"]
+            init = (np.stack([load_init_image(r["init_image"], width, height) for r in batch])
+                    if "init_image" in batch[0] else None)
             images = pipe([r["prompt"] for r in batch], plan.settings, seeds=[r["seed"] for r in batch],
-                          negative_prompts=[r["negative_prompt"] for r in batch], height=batch[0]["height"],
-                          width=batch[0]["width"], batch_size=job.batch_size)
+                          negative_prompts=[r["negative_prompt"] for r in batch], height=height, width=width,
+                          init_images=init, batch_size=job.batch_size)
             if first_done is None:
                 first_done, first_count = time.perf_counter(), len(batch)
             pending.append(writer.submit(_write_batch, out, log, batch, images))
@@ -433,7 +514,8 @@ def run(job: SampleJob) -> Path | None:
 
 # --- command line: the flags are SampleJob's fields and SamplerSettings' fields --------------------------------
 
-_DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool, str: flags.DEFINE_string}
+_DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool, str: flags.DEFINE_string,
+           tuple: flags.DEFINE_multi_string}
 
 
 def _flag_fields(cls) -> list[tuple[str, dataclasses.Field, type]]:
@@ -443,7 +525,8 @@ def _flag_fields(cls) -> list[tuple[str, dataclasses.Field, type]]:
     for field in dataclasses.fields(cls):
         if field.metadata.get("help"):
             kinds = [k for k in typing.get_args(hints[field.name]) if k is not type(None)] or [hints[field.name]]
-            out.append((field.metadata.get("flag") or field.name, field, kinds[0]))
+            kind = tuple if typing.get_origin(hints[field.name]) is tuple else kinds[0]  # a repeatable flag
+            out.append((field.metadata.get("flag") or field.name, field, kind))
     return out
 
 

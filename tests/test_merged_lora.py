@@ -72,7 +72,8 @@ def merged(tiny_pipeline_dir, lora_file):
 
 
 def test_merged_sampling_matches_unfused_branches(tiny_pipeline_dir, lora_file, merged):
-    assert merged.lora_info["modules"]["text_encoder"] > 0 and merged.lora_info["modules"]["unet"] > 0
+    modules = merged.lora_info["loras"][0]["modules"]
+    assert modules["text_encoder"] > 0 and modules["unet"] > 0
     graph_has_lora = [name for name, g in merged._graphdefs.items()
                       if any(getattr(m, "lora_A", None) is not None for _, m in nnx.iter_modules(
                           nnx.merge(g, merged.params[name])))]

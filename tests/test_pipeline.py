@@ -129,7 +129,7 @@ def test_lora_scale_zero_equals_no_lora(pipe, tiny_pipeline_dir, initial_latents
     base = _clean_latents(pipe, initial_latents)
     off = TDDPipeline.from_pretrained(tiny_pipeline_dir, lora=lora, lora_scale=0.0)
     on = TDDPipeline.from_pretrained(tiny_pipeline_dir, lora=lora, lora_scale=1.0)
-    assert off.lora_info["modules"] == {"unet": modules}
+    assert off.lora_info["loras"][0]["modules"] == {"unet": modules}
     np.testing.assert_array_equal(_clean_latents(off, initial_latents), base)
     assert np.abs(_clean_latents(on, initial_latents) - base).max() > 1e-3
 

@@ -146,3 +146,66 @@ def test_command_line_reports_input_errors(tiny_pipeline_dir, tmp_path):
     finally:
         flags.FLAGS.unparse_flags()
     assert not (tmp_path / "out").exists()
+
+
+def test_command_line_stacks_loras_and_takes_an_init_image(tiny_pipeline_dir, tmp_path):
+    """Two --lora PATH:STRENGTH flags (a distillation LoRA, whose metadata sets the grid and w', and a kohya style
+    LoRA) and img2img from --init_image/--strength through the real command line: the PNG is TDDPipeline's image
+    with the same LoRAs and init image, at the init image's size."""
+    from test_lora_stack import DISTILLED, kohya_file, peft_file, unet_shapes
+
+    from tdd_jax.diffusion.sampler import SamplerSettings
+    from tdd_jax.lora_source import LoRASpec
+    from tdd_jax.models.loading import read_config
+    from tdd_jax.pipeline import TDDPipeline
+
+    shapes = unet_shapes(read_config(tiny_pipeline_dir / "unet"))
+    tdd = peft_file(tmp_path / "tdd.safetensors", shapes, DISTILLED)
+    style = kohya_file(tmp_path / "style.safetensors", shapes)
+    init = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)  # 24 wide, 16 high
+    Image.fromarray(init).save(tmp_path / "init.png")
+    (tmp_path / "p.txt").write_text("a cat\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "tdd_jax.sample", f"--pipeline={tiny_pipeline_dir}", f"--prompts={tmp_path / 'p.txt'}",
+           f"--out={tmp_path / 'out'}", f"--lora={tdd}:1.0", f"--lora={style}:0.8", "--w_prime=auto",
+           f"--init_image={tmp_path / 'init.png'}", "--strength=0.5"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [record] = _records(tmp_path / "out")
+    settings = SamplerSettings(grid_steps=50, w_prime=5.0, strength=0.5)
+    assert record["lora"] == [[str(tdd), 1.0], [str(style), 0.8]] and record["lora_trained"]["solver_steps"] == 50
+    assert record["timesteps"] == list(settings.timesteps()) == list(SamplerSettings(grid_steps=50).timesteps())[2:]
+    assert record["init_image"] == str(tmp_path / "init.png") and (record["width"], record["height"]) == (24, 16)
+    pipe = TDDPipeline.from_pretrained(tiny_pipeline_dir, lora=[LoRASpec(str(tdd), 1.0), LoRASpec(str(style), 0.8)])
+    expected = pipe(["a cat"], settings, seeds=[0], init_images=init[None])
+    np.testing.assert_array_equal(_pixels(tmp_path / "out" / record["file"]), expected[0])
+
+
+def test_init_images_per_prompt_and_their_errors(tiny_pipeline_dir, tmp_path):
+    """A JSONL 'init_image' is relative to the prompt file; --init_image is the default; the size comes from the
+    images (rounded down to the pipeline's multiple); every prompt needs one once one has; nothing is written."""
+    (tmp_path / "in").mkdir()
+    for name, size in (("a.png", (26, 16)), ("b.png", (26, 16)), ("c.png", (16, 16))):
+        Image.fromarray(np.zeros((size[1], size[0], 3), np.uint8)).save(tmp_path / "in" / name)
+    (tmp_path / "in" / "p.jsonl").write_text('{"prompt": "a cat", "init_image": "a.png"}\n{"prompt": "a dog"}\n')
+    specs = read_prompts(tmp_path / "in" / "p.jsonl", 0, init_image=str(tmp_path / "in" / "b.png"))
+    assert [s["init_image"] for s in specs] == [str(tmp_path / "in" / "a.png"), str(tmp_path / "in" / "b.png")]
+    out = tmp_path / "out"
+    job = dict(pipeline=tiny_pipeline_dir, prompts=tmp_path / "in" / "p.jsonl", out=out)
+    plan = sample.prepare(_job(**job, init_image=tmp_path / "in" / "b.png"))
+    assert {(r["width"], r["height"]) for r in plan.records} == {(24, 16)}  # 26 rounded down to a multiple of 4
+    cases = [(dict(), r"prompts \[1\] have no init image while others do"),
+             (dict(init_image=tmp_path / "in" / "c.png"), "the init images differ in size: give --height and --width"),
+             (dict(init_image=tmp_path / "in" / "p.jsonl"), "p.jsonl cannot be read as an image"),
+             (dict(prompts=tmp_path / "in" / "p.jsonl", init_image=tmp_path / "missing.png"), "missing.png cannot be"),
+             (dict(prompts=_prompts_txt(tmp_path), settings=sample.SamplerSettings(strength=0.5)),
+              r"--strength=0.5 < 1 is img2img: it needs --init_image")]
+    for overrides, message in cases:
+        with pytest.raises(JobError, match=message):
+            run(_job(**{**job, **overrides}))
+        assert not out.exists(), overrides
+
+
+def _prompts_txt(tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    return tmp_path / "p.txt"

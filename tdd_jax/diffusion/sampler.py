@@ -80,6 +80,9 @@ class SamplerSettings:
     final_step: str = _setting("clean", "clean: the last step returns x0 (TDD); tcd: it ends at alpha_bar_0 "
                                "(diffusers' TCDScheduler)", choices=FINAL_STEPS)
     grid_steps: int = _setting(250, "solver grid the LoRA was trained on")
+    strength: float = _setting(1.0, "img2img: how far the init image is noised, diffusers' strength: the last "
+                               "int(steps x strength) of the steps run, from the init image noised to the first "
+                               "of them (1 = all steps)")
     k_min: int = _setting(4, "non-equidistant schedule: the steps whose timesteps are always kept")
     k_max: int = _setting(8, "non-equidistant schedule: the schedule the extra steps are taken from")
 
@@ -100,14 +103,20 @@ class SamplerSettings:
             raise ValueError(f"sampler field clip_percentile={self.clip_percentile} must be in (0, 1]")
         if self.clip_max < 1.0:
             raise ValueError(f"sampler field clip_max={self.clip_max} must be >= 1")
+        if not 0.0 < self.strength <= 1.0 or int(self.num_steps * self.strength) < 1:
+            raise ValueError(f"sampler field strength={self.strength} must be in (0, 1] and run at least one of "
+                             f"the {self.num_steps} steps (strength >= 1/{self.num_steps})")
         if self.final_step not in FINAL_STEPS:
             raise ValueError(f"sampler field final_step={self.final_step!r} is not one of {FINAL_STEPS}")
         return self
 
     def timesteps(self, num_train_timesteps: int = 1000) -> tuple[int, ...]:
-        return sampler_timesteps(self.num_steps, grid_steps=self.grid_steps,
+        """The timesteps that run: the last int(num_steps · strength) of the schedule (diffusers' img2img
+        ``get_timesteps``), all of them at strength 1."""
+        full = sampler_timesteps(self.num_steps, grid_steps=self.grid_steps,
                                  num_train_timesteps=num_train_timesteps, non_equidistant=self.non_equidistant,
                                  k_min=self.k_min, k_max=self.k_max)
+        return full[self.num_steps - min(int(self.num_steps * self.strength), self.num_steps):]
 
 
 def dynamic_threshold(x0: jax.Array, percentile: float, max_value: float) -> jax.Array:
@@ -195,7 +204,7 @@ def sample(model_fn: ModelFn, schedule: NoiseSchedule, settings: SamplerSettings
         raise ValueError("uncond is required when guidance_scale != 1 or w_prime is set")
     renoise = None
     if settings.gamma > 0:
-        renoise = renoise_noise(key, settings.num_steps, x_T.shape)
+        renoise = renoise_noise(key, len(settings.timesteps(schedule.num_train_timesteps)), x_T.shape)
     final, _ = _denoise_loop(model_fn, schedule, settings, x_T, renoise, cond, uncond)
     return final
 

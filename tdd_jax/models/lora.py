@@ -105,9 +105,13 @@ def lora_delta(lora_A: jax.Array, lora_B: jax.Array) -> jax.Array:
     return jnp.tensordot(up, lora_A.astype(jnp.float32), axes=(1, 0))
 
 
-def merged_weight(weight: jax.Array, lora_A: jax.Array, lora_B: jax.Array, scale: float) -> jax.Array:
-    """W + scale·B·A, computed in float32 and stored in W's dtype (``scale`` includes alpha / rank)."""
-    return (weight.astype(jnp.float32) + scale * lora_delta(lora_A, lora_B)).astype(weight.dtype)
+def merged_weight(weight: jax.Array, deltas: Sequence[tuple[jax.Array, jax.Array, float]]) -> jax.Array:
+    """W + Σ scale·B·A over ``deltas`` ((lora_A, lora_B, scale) each, ``scale`` including alpha / rank), computed
+    in float32 and stored in W's dtype."""
+    merged = weight.astype(jnp.float32)
+    for lora_A, lora_B, scale in deltas:
+        merged = merged + scale * lora_delta(lora_A, lora_B)
+    return merged.astype(weight.dtype)
 
 
 def detach_lora(model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array, float]]:
@@ -124,24 +128,29 @@ def detach_lora(model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array, floa
     return detached
 
 
-def merge_weights(base_state: nnx.State, lora: dict[str, tuple[jax.Array, jax.Array, float]],
-                  scale: float) -> nnx.State:
-    """A copy of ``base_state`` (from a model without LoRA slots) with every adapted layer's weight replaced
-    by ``merged_weight`` at ``scale`` · alpha / rank; ``base_state`` itself is untouched, so dropping the
-    merged copy restores the base exactly, and another scale re-merges from it. Unadapted leaves are shared."""
+def merge_weights(base_state: nnx.State,
+                  loras: Sequence[tuple[dict[str, tuple[jax.Array, jax.Array, float]], float]]) -> nnx.State:
+    """A copy of ``base_state`` (from a model without LoRA slots) with every adapted layer's weight replaced by
+    ``merged_weight`` over the LoRAs adapting it: ``loras`` is (LoRA, strength) pairs, a LoRA being
+    {module path: (lora_A, lora_B, alpha / rank)}, so several LoRAs (e.g. a distillation LoRA and a style LoRA)
+    add up as in diffusers' ``set_adapters`` + ``fuse_lora``. ``base_state`` itself is untouched, so dropping the
+    merged copy restores the base exactly, and other strengths re-merge from it. Unadapted leaves are shared."""
+    deltas: dict[str, list[tuple[jax.Array, jax.Array, float]]] = {}
+    for lora, strength in loras:
+        for module, (lora_A, lora_B, alpha_over_rank) in lora.items():
+            deltas.setdefault(module, []).append((lora_A, lora_B, strength * alpha_over_rank))
     found = set()
 
     def merge(path, var):
         keys = [str(getattr(p, "key", p)) for p in path]
         module = ".".join(keys[:-1])
-        if keys[-1] != "weight" or module not in lora:
+        if keys[-1] != "weight" or module not in deltas:
             return var
         found.add(module)
-        lora_A, lora_B, alpha_over_rank = lora[module]
-        return var.replace(merged_weight(var[...], lora_A, lora_B, scale * alpha_over_rank))
+        return var.replace(merged_weight(var[...], deltas[module]))
 
     merged = jax.tree_util.tree_map_with_path(merge, base_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    missing = sorted(set(lora) - found)
+    missing = sorted(set(deltas) - found)
     if missing:
         raise ValueError(f"LoRA modules {missing[:5]} have no weight in the base state ({len(missing)} missing)")
     return merged

@@ -251,6 +251,15 @@ def sgm_unet_names(paths: Iterable[str]) -> dict[str, str]:
 
 # --- import -------------------------------------------------------------------------------------------------
 
+# Adapter kinds other than LoRA, told by the keys LyCORIS, kohya and PEFT write for them: named in the error.
+_OTHER_ADAPTERS = {"LoHa": (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2"),
+                   "LoKr": (".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2_a", ".lokr_w2_b",
+                            ".lokr_t2"),
+                   "DoRA": (".dora_scale", ".lora_magnitude_vector"),
+                   "LoCon with Tucker decomposition": (".lora_mid.weight",),
+                   "OFT/BOFT": (".oft_blocks", ".oft_diag", ".boft_R", ".boft_s"),
+                   "full weight difference": (".diff", ".diff_b"),
+                   "LoRA bias": (".lora_B.bias", ".lora_up.bias", ".lora.up.bias")}
 _DOTTED_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
                     ".lora.up.weight": "up", ".alpha": "alpha"}
 _KOHYA_KEY = re.compile(r"^(lora_unet|lora_te[12]?)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -286,6 +295,11 @@ def _group(tensors: Mapping[str, np.ndarray]):
             continue
         groups.setdefault(group, {})[part] = value
         keys_of.setdefault(group[0], []).append(key)
+    for kind, suffixes in _OTHER_ADAPTERS.items():
+        found = [key for key in unknown if key.endswith(suffixes)]
+        if found:
+            raise LoRAFormatError(f"holds {kind} weights ({len(found)} keys, first: {_show(found)}), not LoRA: "
+                                  "only LoRA (LoCon included) files are supported")
     if unknown:
         raise LoRAFormatError(
             f"{len(unknown)} keys are not LoRA weights of a known format (first: {_show(unknown)}); expected "
@@ -339,6 +353,10 @@ def lora_from_file_tensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[
     groups, keys_of = _group(tensors)
     if not groups:
         raise LoRAFormatError("the file holds no LoRA weights")
+    if "unet" in shapes and "unet" not in keys_of:
+        keys = [k for component_keys in keys_of.values() for k in component_keys]
+        raise LoRAFormatError(f"adapts only {sorted(keys_of)} (first keys: {_show(keys)}), no UNet layer: "
+                              "text-encoder-only LoRAs are not supported")
     absent = sorted(set(keys_of) - set(shapes))
     if absent:
         keys = [k for c in absent for k in keys_of[c]]
