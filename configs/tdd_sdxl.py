@@ -87,7 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     cfg.model = ml_collections.ConfigDict()
     cfg.model.dtype = "bfloat16"  # compute
-    cfg.model.param_dtype = "float32"  # storage of the frozen base and the LoRA
+    cfg.model.param_dtype = "float32"  # storage of the frozen base weights (LoRA, EMA and optimizer: always float32)
     cfg.model.remat = "full"  # gradient checkpointing of every resnet/transformer block
     cfg.model.scan_blocks = True  # each stack of SDXL's 2- and 10-deep transformer blocks compiles as one lax.scan
     cfg.model.attention_impl = config_dict.placeholder(str)  # None: XLA picks; 'cudnn' on GPUs; 'splash' on TPUs
