@@ -1,0 +1,161 @@
+"""ControlNetModel: every down residual and the mid residual equal diffusers' on random SDXL-architecture configs
+(weights from folders diffusers' save_pretrained wrote, fp16 variant too), the full-size SDXL ControlNet's keys, the
+UNet with residuals equal to diffusers' UNet with the same residuals, and config errors."""
+
+import inspect
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel as TorchControlNet
+from diffusers import UNet2DConditionModel as TorchUNet
+from flax import nnx
+from test_unet import jax_args, sdxl_inputs
+from tiny_pipeline import assert_parity, randomize_norms, tiny_unet_config
+
+from tdd_jax.models.controlnet import ControlNetModel
+from tdd_jax.models.unet import SDXL_UNET_CONFIG, UNet2DConditionModel
+
+ZERO_INITIALISED = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+
+
+def random_controlnet(config: dict, seed: int) -> TorchControlNet:
+    """A diffusers ControlNet with random weights everywhere, its zero convolutions and norms included (a zero
+    residual or an identity norm could hide a wrong mapping)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = randomize_norms(TorchControlNet(**config), gen)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith(ZERO_INITIALISED):
+                param.copy_(0.2 * torch.randn(param.shape, generator=gen))
+    return model.eval()
+
+
+def controlnet_config(unet_config: dict, **overrides) -> dict:
+    """The ControlNet fields of a UNet config (what ``ControlNetModel.from_unet`` copies), plus overrides."""
+    fields = set(inspect.signature(TorchControlNet.__init__).parameters)
+    layers = unet_config["layers_per_block"]
+    return {**{k: v for k, v in unet_config.items() if k in fields}, "layers_per_block": layers, **overrides}
+
+
+TINY = controlnet_config(tiny_unet_config(), conditioning_embedding_out_channels=(8, 16))
+# Three levels like SDXL (no attention, then two cross-attention levels), a 4x conditioning embedding, a
+# one-channel control image read in BGR order (a no-op for one channel, so three channels there).
+THREE_LEVELS = controlnet_config(
+    tiny_unet_config(), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4),
+    conditioning_embedding_out_channels=(8, 16, 16), controlnet_conditioning_channel_order="bgr")
+
+
+def control_image(batch: int, hw: tuple[int, int], factor: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    """A random control image (B, C, H, W) in [0, 1] for latents of size hw."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0, 1, (batch, channels, hw[0] * factor, hw[1] * factor)).astype(np.float32)
+
+
+def torch_residuals(model: TorchControlNet, inputs: dict, image: np.ndarray, scale: float,
+                    guess_mode: bool = False) -> list[np.ndarray]:
+    """diffusers' down residuals then the mid residual, NHWC."""
+    with torch.no_grad():
+        down, mid = model(torch.from_numpy(inputs["sample"]), torch.as_tensor(inputs["timesteps"]),
+                          torch.from_numpy(inputs["context"]), torch.from_numpy(image), conditioning_scale=scale,
+                          added_cond_kwargs={k: torch.from_numpy(inputs[k]) for k in ("text_embeds", "time_ids")},
+                          guess_mode=guess_mode, return_dict=False)
+    return [r.numpy().transpose(0, 2, 3, 1) for r in (*down, mid)]
+
+
+@nnx.jit(static_argnames="guess_mode")
+def jax_residuals(model, sample, timesteps, context, added, image, scale, guess_mode=False):
+    down, mid = model(sample, timesteps, context, image, scale, added, guess_mode=guess_mode)
+    return [*down, mid]
+
+
+def assert_residuals(name: str, ours: list, theirs: list[np.ndarray]) -> None:
+    assert len(ours) == len(theirs), f"{name}: {len(ours)} residuals vs diffusers' {len(theirs)}"
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert_parity(f"{name} residual {i}", np.asarray(a), b)
+
+
+@pytest.mark.parametrize("config", [TINY, THREE_LEVELS], ids=["tiny", "three_levels_bgr"])
+def test_residuals_match_diffusers(config, tmp_path):
+    """Weights from a folder diffusers wrote; conditioning scale != 1, and guess_mode's log-spaced scales."""
+    torch_model = random_controlnet(config, seed=3)
+    torch_model.save_pretrained(tmp_path / "controlnet")
+    model = ControlNetModel.from_pretrained(tmp_path / "controlnet")
+    factor = 2 ** (len(config["conditioning_embedding_out_channels"]) - 1)
+    assert model.image_factor == factor
+    inputs = sdxl_inputs(dict(torch_model.config))
+    image = control_image(2, (8, 8), factor)
+    args = (*jax_args(inputs), jnp.asarray(image.transpose(0, 2, 3, 1)))
+    for scale, guess_mode in ((0.7, False), (1.3, True)):
+        ours = jax_residuals(model, *args, scale, guess_mode=guess_mode)
+        theirs = torch_residuals(torch_model, inputs, image, scale, guess_mode)
+        assert_residuals(f"ControlNet scale {scale} guess_mode {guess_mode}", ours, theirs)
+    assert tuple(r.shape[-1] for r in ours[:-1]) == model.skip_channels
+
+
+def test_fp16_variant_loads(tmp_path):
+    """``variant='fp16'`` reads diffusion_pytorch_model.fp16.safetensors (weights upcast to the model's dtype)."""
+    torch_model = random_controlnet(TINY, seed=4).half()
+    torch_model.save_pretrained(tmp_path, variant="fp16")
+    assert (tmp_path / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    model = ControlNetModel.from_pretrained(tmp_path, variant="fp16")
+    inputs = sdxl_inputs(dict(torch_model.config))
+    image = control_image(2, (8, 8), 2)
+    ours = jax_residuals(model, *jax_args(inputs), jnp.asarray(image.transpose(0, 2, 3, 1)), 1.0)
+    assert_residuals("ControlNet fp16 variant", ours, torch_residuals(torch_model.float(), inputs, image, 1.0))
+
+
+def test_full_sdxl_controlnet_keys():
+    """Abstract shapes only: every state path/shape equals diffusers' SDXL ControlNet state_dict (the layout of
+    diffusers/controlnet-canny-sdxl-1.0, which ``from_unet`` of the SDXL UNet gives)."""
+    config = controlnet_config(SDXL_UNET_CONFIG)
+    abstract = nnx.eval_shape(lambda: ControlNetModel(config, rngs=nnx.Rngs(0)))
+    ours = {".".join(str(k) for k in path): tuple(v.get_value().shape)
+            for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    with torch.device("meta"):
+        theirs = {k: tuple(v.shape) for k, v in TorchControlNet(**config).state_dict().items()}
+    assert ours == theirs
+
+
+def test_unet_with_residuals_matches_diffusers(tiny_pipeline_dir):
+    """Random residuals (shaped like a ControlNet's) added to the skips and mid block as diffusers' UNet does."""
+    torch_unet = TorchUNet.from_pretrained(tiny_pipeline_dir / "unet").eval()
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet")
+    inputs = sdxl_inputs(dict(torch_unet.config))
+    rng = np.random.default_rng(5)
+    sizes = [8, 8, 8, 4, 4, 4]  # conv_in, level 0's two resnets and downsampler, level 1's two resnets
+    down = [rng.standard_normal((2, c, s, s)).astype(np.float32) for c, s in zip(unet.skip_channels, sizes)]
+    mid = rng.standard_normal((2, unet.skip_channels[-1], 4, 4)).astype(np.float32)
+    with torch.no_grad():
+        added = {k: torch.from_numpy(inputs[k]) for k in ("text_embeds", "time_ids")}
+        call = lambda **kw: torch_unet(torch.from_numpy(inputs["sample"]), torch.as_tensor(inputs["timesteps"]),  # noqa: E731
+                                       torch.from_numpy(inputs["context"]), added_cond_kwargs=added, **kw).sample
+        expected = call(down_block_additional_residuals=[torch.from_numpy(d) for d in down],
+                        mid_block_additional_residual=torch.from_numpy(mid)).numpy()
+        plain = call().numpy()
+
+    nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))  # noqa: E731
+    forward = nnx.jit(lambda m, args, d, r: m(*args, down_block_additional_residuals=d,
+                                              mid_block_additional_residual=r))
+    ours = forward(unet, jax_args(inputs), [nhwc(d) for d in down], nhwc(mid))
+    assert_parity("UNet with ControlNet residuals", np.asarray(ours).transpose(0, 3, 1, 2), expected)
+    assert np.abs(expected - plain).max() > 1e-2  # the residuals matter (test_unet: the output without them)
+    with pytest.raises(ValueError, match="pass both down_block_additional_residuals"):
+        unet(*jax_args(inputs), down_block_additional_residuals=[nhwc(d) for d in down])
+    with pytest.raises(ValueError, match="has 5 entries for the UNet's 6 skip connections"):
+        unet(*jax_args(inputs), down_block_additional_residuals=[nhwc(d) for d in down[:5]],
+             mid_block_additional_residual=nhwc(mid))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("global_pool_conditions", True, "'global_pool_conditions' = True is not supported"),
+    ("controlnet_conditioning_channel_order", "rbg", "'controlnet_conditioning_channel_order' = 'rbg'"),
+    ("mid_block_type", "UNetMidBlock2D", "ControlNet config field 'mid_block_type'"),
+])
+def test_config_errors_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        nnx.eval_shape(lambda: ControlNetModel({**TINY, field: value}, rngs=nnx.Rngs(0)))
+
