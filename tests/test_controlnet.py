@@ -1,6 +1,7 @@
 """ControlNetModel: every down residual and the mid residual equal diffusers' on random SDXL-architecture configs
 (weights from folders diffusers' save_pretrained wrote, fp16 variant too), the full-size SDXL ControlNet's keys, the
-UNet with residuals equal to diffusers' UNet with the same residuals, and config errors."""
+UNet with residuals equal to diffusers' UNet with the same residuals, config errors; and TDDPipeline with ControlNets
+(+ a LoRA, TCD sampling) equal to diffusers' StableDiffusionXLControlNetPipeline, and its input errors."""
 
 import inspect
 
@@ -11,11 +12,15 @@ import torch
 from diffusers import ControlNetModel as TorchControlNet
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
+from PIL import Image
+from test_pipeline import _lora_file
 from test_unet import jax_args, sdxl_inputs
 from tiny_pipeline import assert_parity, randomize_norms, tiny_unet_config
 
+from tdd_jax.diffusion.sampler import SamplerSettings
 from tdd_jax.models.controlnet import ControlNetModel
 from tdd_jax.models.unet import SDXL_UNET_CONFIG, UNet2DConditionModel
+from tdd_jax.pipeline import TDDPipeline
 
 ZERO_INITIALISED = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
 
@@ -159,3 +164,100 @@ def test_config_errors_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         nnx.eval_shape(lambda: ControlNetModel({**TINY, field: value}, rngs=nnx.Rngs(0)))
 
+
+
+# --- sampling with ControlNets: TDDPipeline vs diffusers' StableDiffusionXLControlNetPipeline -------------------
+
+SIZE = 16  # the tiny pipeline's default output size (latents 8x8, VAE factor 2)
+
+
+@pytest.fixture(scope="module")
+def controlnet_dirs(tmp_path_factory):
+    """Two random ControlNets for the tiny pipeline, in folders diffusers wrote (the second reads BGR)."""
+    root = tmp_path_factory.mktemp("controlnets")
+    configs = (TINY, {**TINY, "conditioning_embedding_out_channels": (8, 8),
+                      "controlnet_conditioning_channel_order": "bgr"})
+    for i, config in enumerate(configs):
+        random_controlnet(config, seed=10 + i).save_pretrained(root / f"controlnet_{i}")
+    return [root / f"controlnet_{i}" for i in range(len(configs))]
+
+
+@pytest.fixture(scope="module")
+def lora_path(tiny_pipeline_dir, tmp_path_factory):
+    return _lora_file(tiny_pipeline_dir, tmp_path_factory.mktemp("lora") / "lora.safetensors")[0]
+
+
+def control_images() -> tuple[Image.Image, np.ndarray]:
+    """A PIL image of another size (Lanczos-resized by both pipelines) and a float array in [0, 1] (nearest)."""
+    rng = np.random.default_rng(7)
+    pil = Image.fromarray(rng.integers(0, 256, (20, 12, 3), np.uint8))
+    return pil, rng.uniform(0, 1, (10, 24, 3)).astype(np.float32)
+
+
+# (prompt, ControlNets used, control images, guidance scale, conditioning scales, guidance starts, ends)
+CASES = {
+    "one_controlnet_cfg1": ("a photo of a cat", 1, [0], 1.0, 0.6, 0.25, 0.75),
+    "two_controlnets_cfg2": ("a red car on the street", 2, [0, 1], 2.0, [0.8, 1.3], [0.0, 0.5], [0.75, 1.0]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pipeline_matches_diffusers_controlnet_pipeline(case, tiny_pipeline_dir, controlnet_dirs, lora_path):
+    """ControlNet(s) + a LoRA + TCD sampling (γ = 0) = diffusers' StableDiffusionXLControlNetPipeline +
+    TCDScheduler + the LoRA loaded and fused, from the same latents: CFG 1 and 2, scales != 1, guidance windows
+    != (0, 1), a PIL control image of another size and a float array (the two resize paths), MultiControlNet."""
+    from diffusers import StableDiffusionXLControlNetPipeline, TCDScheduler
+
+    prompt, k, which, cfg, scales, starts, ends = CASES[case]
+    dirs = controlnet_dirs[:k]
+    images = [control_images()[i] for i in which]
+    latents = torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(1))
+    settings = SamplerSettings(num_steps=4, gamma=0.0, guidance_scale=cfg, final_step="tcd")
+
+    nets = [TorchControlNet.from_pretrained(d).eval() for d in dirs]
+    ref = StableDiffusionXLControlNetPipeline.from_pretrained(
+        tiny_pipeline_dir, controlnet=nets if k > 1 else nets[0], add_watermarker=False)
+    ref.scheduler = TCDScheduler.from_config(ref.scheduler.config, original_inference_steps=250)
+    ref.load_lora_weights(str(lora_path))
+    ref.fuse_lora()
+    ref.set_progress_bar_config(disable=True)
+    # diffusers reads a bare (H, W, 3) array as a batch of H images: it takes an array image as a batch of one.
+    theirs = [image[None] if isinstance(image, np.ndarray) else image for image in images]
+    expected = ref(prompt=prompt, image=theirs if k > 1 else theirs[0], latents=latents, height=SIZE, width=SIZE,
+                   num_inference_steps=4, guidance_scale=cfg, eta=0.0, controlnet_conditioning_scale=scales,
+                   control_guidance_start=starts, control_guidance_end=ends, output_type="np").images
+
+    pipe = TDDPipeline.from_pretrained(tiny_pipeline_dir, lora=lora_path, controlnets=dirs)
+    kwargs = dict(latents=latents.numpy().transpose(0, 2, 3, 1), output_type="float",
+                  control_image=images if k > 1 else images[0], controlnet_conditioning_scale=scales,
+                  control_guidance_start=starts, control_guidance_end=ends)
+    ours = pipe([prompt], settings, **kwargs)
+    assert_parity(f"ControlNet pipeline ({case})", ours, expected)
+    without = pipe([prompt], settings, **{**kwargs, "controlnet_conditioning_scale": 0.0})  # same compile
+    assert np.abs(without - ours).max() > 1e-3  # the ControlNets change the image
+
+
+def test_pipeline_control_errors(tiny_pipeline_dir, controlnet_dirs, tmp_path):
+    random_controlnet(THREE_LEVELS, seed=2).save_pretrained(tmp_path / "three_levels")
+    with pytest.raises(ValueError, match="does not fit the UNet: skip channels"):
+        TDDPipeline.from_pretrained(tiny_pipeline_dir, controlnets=tmp_path / "three_levels")
+    random_controlnet({**TINY, "conditioning_embedding_out_channels": (8, 8, 8)}, seed=2).save_pretrained(
+        tmp_path / "factor4")
+    with pytest.raises(ValueError, match="downsamples control images 4x, the pipeline's VAE 2x"):
+        TDDPipeline.from_pretrained(tiny_pipeline_dir, controlnets=[tmp_path / "factor4"])
+    pipe = TDDPipeline.from_pretrained(tiny_pipeline_dir, controlnets=controlnet_dirs)
+    image = control_images()[0]
+    for kwargs, message in (
+            ({}, "control_image is required: 2 ControlNet"),
+            ({"control_image": image}, "control_image must be a list of 2 entries"),
+            ({"control_image": [[image], image]}, "control_image has 1 images for 2 prompts"),
+            ({"control_image": [image, image], "controlnet_conditioning_scale": [1.0]},
+             "controlnet_conditioning_scale has 1 entries for 2 ControlNets"),
+            ({"control_image": [image, image], "control_guidance_start": 0.8, "control_guidance_end": 0.5},
+             "must satisfy 0 <= start < end <= 1"),
+            ({"control_image": [tmp_path / "missing.png", image]}, "control image not found")):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            pipe(["a cat", "a dog"], **kwargs)
+    plain = TDDPipeline.from_pretrained(tiny_pipeline_dir)
+    with pytest.raises(ValueError, match="no ControlNet is loaded"):
+        plain(["a cat"], control_image=image)
