@@ -3,7 +3,9 @@
 UNet with residuals equal to diffusers' UNet with the same residuals, config errors; and TDDPipeline with ControlNets
 (+ a LoRA, TCD sampling) equal to diffusers' StableDiffusionXLControlNetPipeline, and its input errors."""
 
+import dataclasses
 import inspect
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -261,3 +263,52 @@ def test_pipeline_control_errors(tiny_pipeline_dir, controlnet_dirs, tmp_path):
     plain = TDDPipeline.from_pretrained(tiny_pipeline_dir)
     with pytest.raises(ValueError, match="no ControlNet is loaded"):
         plain(["a cat"], control_image=image)
+
+
+# --- the sampler CLI: --controlnet (repeatable), --control_image, a JSONL 'control_image', scales and windows ----
+
+
+def test_sample_cli_with_controlnets(tiny_pipeline_dir, controlnet_dirs, tmp_path):
+    """Flags parse into the job (repeatable --controlnet); a JSONL prompt's control images override the flag's;
+    the images follow the control images; bad ControlNet inputs are JobErrors that write nothing."""
+    from absl import flags
+
+    from tdd_jax import sample
+    from tdd_jax.sample import METADATA, JobError, SampleJob, run
+
+    pil, array = control_images()
+    pil.save(tmp_path / "a.png")
+    Image.fromarray((array * 255).astype(np.uint8)).save(tmp_path / "b.png")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a cat", "seed": 1}\n{"prompt": "a cat", "seed": 1, "control_image": '
+                       '["b.png", "a.png"]}\n')
+    argv = ["sample", f"--pipeline={tiny_pipeline_dir}", f"--prompts={prompts}", f"--out={tmp_path / 'out'}",
+            *(f"--controlnet={d}" for d in controlnet_dirs), f"--control_image={tmp_path / 'a.png'}",
+            f"--control_image={tmp_path / 'b.png'}", "--controlnet_scale=0.7", "--controlnet_scale=1.2",
+            "--control_guidance_end=0.5", "--guidance_scale=1"]
+    flags.FLAGS(argv)
+    try:
+        job = sample.job_from_flags(flags.FLAGS)
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert job.controlnet == tuple(str(d) for d in controlnet_dirs) and job.controlnet_scale == (0.7, 1.2)
+    assert (job.control_guidance_start, job.control_guidance_end) == ((0.0,), (0.5,))
+
+    for overrides, message in (
+            (dict(controlnet=()), "needs --controlnet"),
+            (dict(control_image=(str(tmp_path / "a.png"),)), "--control_image gives 1 control images for 2"),
+            (dict(control_image=(str(tmp_path / "a.png"), str(tmp_path / "c.png"))), "control image not found"),
+            (dict(controlnet_scale=(1.0, 1.0, 1.0)), "--controlnet_scale has 3 values for 2 --controlnet"),
+            (dict(control_guidance_start=(0.6,)), "must satisfy 0 <= start < end <= 1")):
+        with pytest.raises(JobError, match=message):
+            run(dataclasses.replace(job, **overrides))
+        assert not (tmp_path / "out").exists(), overrides
+
+    run(job)
+    records = sorted((json.loads(line) for line in (tmp_path / "out" / METADATA).read_text().splitlines()),
+                     key=lambda r: r["index"])
+    assert [r["control_image"] for r in records] == [[str(tmp_path / "a.png"), str(tmp_path / "b.png")],
+                                                     [str(tmp_path / "b.png"), str(tmp_path / "a.png")]]
+    assert records[0]["controlnet_scale"] == [0.7, 1.2] and records[0]["file"] != records[1]["file"]
+    first, second = (np.asarray(Image.open(tmp_path / "out" / r["file"]), np.int32) for r in records)
+    assert np.abs(first - second).max() > 0  # same prompt and seed, other control images
