@@ -6,11 +6,15 @@
         [--controlnet=DIR --control_image=edges.png --controlnet_scale=0.5 --control_guidance_end=0.8 ...]
 
 Prompts: a .txt file (one per line) or a .jsonl file ({"prompt": ..., "seed": ..., "negative_prompt": ...};
-seed and negative prompt optional; with ControlNets also "control_image": a path, or a list of one per --controlnet,
-relative to the prompt file's folder, instead of --control_image). Prompt i without a seed gets --seed + i. Every image's file name is its index
+seed and negative prompt optional). Prompt i without a seed gets --seed + i. Every image's file name is its index
 plus a digest of everything that decides it (prompt, seed, size, sampler settings, pipeline, LoRA and how it was
 trained), so re-running the same job skips what is already written and a changed setting renders anew. Inputs are
 checked before anything is written; PNGs appear atomically and each gets its metadata line only once it exists.
+
+ControlNets. ``--controlnet=DIR`` (repeatable) with one ``--control_image`` per ControlNet, in the same order, or a
+JSONL prompt's "control_image" (a path, or a list of one per ControlNet, relative to the prompt file's folder);
+``--controlnet_scale``, ``--control_guidance_start/end``: one value, or one per ControlNet (diffusers' semantics,
+see ``TDDPipeline.__call__``). The ControlNets and control image paths are part of each image's digest.
 
 Settings from the LoRA. ``--grid_steps`` defaults to the solver grid the LoRA records (``solver_steps``), else
 250; ``--w_prime=auto`` is w' = (w_min + w_max)/2 of the LoRA's training guidance (paper Eq. 14). w' is refused

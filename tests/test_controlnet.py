@@ -138,8 +138,9 @@ def test_unet_with_residuals_matches_diffusers(tiny_pipeline_dir):
     mid = rng.standard_normal((2, unet.skip_channels[-1], 4, 4)).astype(np.float32)
     with torch.no_grad():
         added = {k: torch.from_numpy(inputs[k]) for k in ("text_embeds", "time_ids")}
-        call = lambda **kw: torch_unet(torch.from_numpy(inputs["sample"]), torch.as_tensor(inputs["timesteps"]),  # noqa: E731
-                                       torch.from_numpy(inputs["context"]), added_cond_kwargs=added, **kw).sample
+        args = (torch.from_numpy(inputs["sample"]), torch.as_tensor(inputs["timesteps"]),
+                torch.from_numpy(inputs["context"]))
+        call = lambda **kw: torch_unet(*args, added_cond_kwargs=added, **kw).sample  # noqa: E731
         expected = call(down_block_additional_residuals=[torch.from_numpy(d) for d in down],
                         mid_block_additional_residual=torch.from_numpy(mid)).numpy()
         plain = call().numpy()
