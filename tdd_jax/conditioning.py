@@ -64,9 +64,12 @@ class Cond(NamedTuple):
         return Cond(*zero_conditioning(self.prompt_embeds, self.pooled), self.time_ids)
 
 
-def unet_output(unet, x: jax.Array, t: jax.Array, cond: Cond) -> jax.Array:
-    """The UNet's raw output for ``cond`` in at least float32 (the diffusion math never runs in bf16)."""
-    out = unet(x, t, cond.prompt_embeds, {"text_embeds": cond.pooled, "time_ids": cond.time_ids})
+def unet_output(unet, x: jax.Array, t: jax.Array, cond: Cond, residuals: tuple | None = None) -> jax.Array:
+    """The UNet's raw output for ``cond`` in at least float32 (the diffusion math never runs in bf16).
+    residuals: optional ControlNet (down residuals, mid residual) added to the UNet's skips and mid block."""
+    down, mid = (None, None) if residuals is None else residuals
+    out = unet(x, t, cond.prompt_embeds, {"text_embeds": cond.pooled, "time_ids": cond.time_ids},
+               down_block_additional_residuals=down, mid_block_additional_residual=mid)
     return out.astype(jnp.promote_types(out.dtype, jnp.float32))
 
 

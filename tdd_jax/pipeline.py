@@ -23,12 +23,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from tdd_jax import conditioning, lora_source
+from tdd_jax import conditioning, control, lora_source
 from tdd_jax.diffusion.sampler import SamplerSettings
 from tdd_jax.diffusion.schedule import NoiseSchedule
 from tdd_jax.models import lora as lora_lib
 from tdd_jax.models import lora_formats
 from tdd_jax.models.components import MODELS, load_components
+from tdd_jax.models.controlnet import ControlNetModel
 from tdd_jax.models.layers import ModelOptions
 from tdd_jax.models.loading import read_config
 from tdd_jax.render import OUTPUT_TYPES, render
@@ -145,6 +146,32 @@ def _as_images(images: np.ndarray, n: int) -> np.ndarray:
     return images
 
 
+def load_controlnets(folders: Sequence[str | Path], unet: nnx.Module, geometry: ImageGeometry, *,
+                     opts: ModelOptions, shardings: Any = None, variant: str | None = None) -> list[ControlNetModel]:
+    """diffusers ControlNet folders (``variant`` e.g. 'fp16'), each checked to fit the UNet's skip connections
+    and to read control images at the VAE's resolution."""
+    nets = []
+    for folder in folders:
+        net = ControlNetModel.from_pretrained(folder, opts=opts, shardings=shardings, variant=variant)
+        if net.skip_channels != unet.skip_channels:
+            raise ValueError(f"ControlNet {folder} does not fit the UNet: skip channels {net.skip_channels} vs the "
+                             f"UNet's {unet.skip_channels}")
+        if net.image_factor != geometry.vae_factor:
+            raise ValueError(f"ControlNet {folder} downsamples control images {net.image_factor}x, the pipeline's "
+                             f"VAE {geometry.vae_factor}x: its features would not match the latents")
+        nets.append(net)
+    return nets
+
+
+def _per_controlnet(value, k: int, name: str) -> list:
+    """One entry per ControlNet from one value or a list of k (diffusers' MultiControlNet arguments)."""
+    if not isinstance(value, (list, tuple)):
+        return [value] * k
+    if len(value) != k:
+        raise ValueError(f"{name} has {len(value)} entries for {k} ControlNets")
+    return list(value)
+
+
 def _pad(array: np.ndarray, n: int) -> np.ndarray:
     """Fill the batch up to n rows with copies of row 0 (their outputs are dropped)."""
     return np.concatenate([array, np.repeat(array[:1], n - len(array), axis=0)]) if n > len(array) else array
@@ -159,6 +186,8 @@ class TDDPipeline:
     re-merge from them (0 gives back exactly the base weights) and never recompile: the weights are arguments of
     the compiled function and the graphs carry no LoRA. Inputs and outputs are host numpy arrays of one process
     (multi-host jobs: one job per host).
+    ControlNets (``controlnets``) are the "controlnet" entry of ``params``: a list of weights, replicated like the
+    UNet's, run inside the same compiled render.
     """
 
     def __init__(self, *, graphdefs: dict, params: dict, tokenizers: tuple, schedule: NoiseSchedule,
@@ -204,9 +233,12 @@ class TDDPipeline:
     @classmethod
     def from_pretrained(cls, pipeline_dir: str | Path, *, lora=None, lora_scale: float = 1.0,
                         lora_step: int | None = None, lora_ema: bool = False, lora_settings_from: int | None = None,
-                        opts: ModelOptions = ModelOptions(), mesh: Mesh | None = None) -> TDDPipeline:
+                        opts: ModelOptions = ModelOptions(), mesh: Mesh | None = None,
+                        controlnets: str | Path | Sequence[str | Path] = (),
+                        controlnet_variant: str | None = None) -> TDDPipeline:
         """Load a diffusers SDXL pipeline folder (tokenizers from local files only), replicated over ``mesh``
-        (default: every device on one data axis), with optional LoRAs merged into the weights.
+        (default: every device on one data axis), with optional LoRAs merged into the weights and diffusers
+        ControlNet folders (``controlnet_variant='fp16'`` reads their fp16 weight files).
 
         lora: one path (a diffusers/PEFT or kohya ``.safetensors`` file, or a trainer workdir / checkpoint
         folder at ``lora_step`` or the latest, its EMA adapter with ``lora_ema``), or a sequence of paths and
@@ -226,6 +258,11 @@ class TDDPipeline:
         graphdefs, params = {}, {}
         for name, model in models.items():
             graphdefs[name], params[name] = nnx.split(model)
+        folders = [controlnets] if isinstance(controlnets, (str, Path)) else list(controlnets)
+        if folders:
+            nets = load_controlnets(folders, models["unet"], geometry, opts=opts, shardings=placed,
+                                    variant=controlnet_variant)
+            graphdefs["controlnet"], params["controlnet"] = map(list, zip(*(nnx.split(net) for net in nets)))
         return cls(graphdefs=graphdefs, params=jax.device_put(params, placed),
                    tokenizers=conditioning.load_tokenizers(folder), schedule=NoiseSchedule.from_pretrained(folder),
                    geometry=geometry, mesh=mesh, loras=loras,
@@ -236,9 +273,14 @@ class TDDPipeline:
         """Batches are padded to a multiple of this (the number of devices on the data axis)."""
         return sharding.num_batch_shards(self.mesh)
 
-    def _render_impl(self, params: dict, batch: dict, *, settings: SamplerSettings,
-                     latent_shape: tuple[int, int, int], output_type: str) -> jax.Array:
-        """Token ids and seeds -> images or latents (``render.render``; any LoRA is already merged into ``params``)."""
+    @property
+    def num_controlnets(self) -> int:
+        return len(self._graphdefs.get("controlnet", ()))
+
+    def _render_impl(self, params: dict, batch: dict, control_scales: jax.Array | None = None, *,
+                     settings: SamplerSettings, latent_shape: tuple[int, int, int], output_type: str) -> jax.Array:
+        """Token ids and seeds (and control images (B, K, H, W, 3) with per-step scales (steps, K)) -> images or
+        latents (``render.render``; any LoRA is already merged into ``params``)."""
         unet, text_encoder, text_encoder_2, vae = (nnx.merge(self._graphdefs[k], params[k]) for k in MODELS)
         b = batch["seeds"].shape[0]
         ids, ids_2 = batch["ids"], batch["ids_2"]
@@ -253,14 +295,23 @@ class TDDPipeline:
             zero, use = cond.unconditional(), batch["has_negative"]
             uncond = conditioning.Cond(jnp.where(use[:, None, None], embeds[b:], zero.prompt_embeds),
                                        jnp.where(use[:, None], pooled[b:], zero.pooled), batch["time_ids"])
+        control_nets = None
+        if control_scales is not None:
+            nets = [nnx.merge(g, p) for g, p in zip(self._graphdefs["controlnet"], params["controlnet"])]
+            images = tuple(batch["control_images"][:, k] for k in range(len(nets)))
+            control_nets = control.Control(nets, images, control_scales)
         return render(unet, vae, self.schedule, settings, batch["seeds"], latent_shape, cond, uncond,
-                      x_T=batch.get("latents"), init_images=batch.get("init_images"), output_type=output_type)
+                      x_T=batch.get("latents"), init_images=batch.get("init_images"), output_type=output_type,
+                      control=control_nets)
 
     def __call__(self, prompts: str | Sequence[str], settings: SamplerSettings = SamplerSettings(), *,
                  seeds: int | Sequence[int] = 0, negative_prompts: str | Sequence[str | None] | None = None,
                  height: int | None = None, width: int | None = None, latents: np.ndarray | None = None,
                  init_images: np.ndarray | None = None, output_type: str = "uint8",
-                 batch_size: int | None = None) -> np.ndarray:
+                 batch_size: int | None = None, control_image: Any = None,
+                 controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+                 control_guidance_start: float | Sequence[float] = 0.0,
+                 control_guidance_end: float | Sequence[float] = 1.0) -> np.ndarray:
         """Render one image per prompt: (B, H, W, 3) uint8, or floats in [0, 1], or the final latents.
 
         seeds: one per prompt (or one for all). negative_prompts: None (SDXL's zero unconditional embedding), or
@@ -272,6 +323,15 @@ class TDDPipeline:
         ``settings.strength`` says how far they are noised (diffusers' StableDiffusionXLImg2ImgPipeline).
         batch_size: pad the batch to at least this many rows, so a ragged last batch reuses the compiled
         function; it is also padded to a multiple of ``num_batch_shards``.
+
+        ControlNets (loaded with ``controlnets=``), as diffusers' StableDiffusionXLControlNetPipeline without
+        guess_mode: control_image is, per ControlNet (a list of K with several), one image for every prompt or a
+        list of one per prompt; an image is a file path, a PIL image, a uint8 (H, W, 3) array or a float one in
+        [0, 1]. Any image size is resized to (height, width) as diffusers does (``control.control_image``: Lanczos
+        for files, PIL images and uint8 arrays, nearest for float arrays). controlnet_conditioning_scale,
+        control_guidance_start/end: one value or one per ControlNet; ControlNet k runs at step i of N unless
+        i/N < start_k or (i + 1)/N > end_k. Scales and windows are inputs of the compiled render, not constants:
+        changing them does not recompile.
         """
         settings.validate()
         if init_images is None and settings.strength < 1.0:
@@ -314,8 +374,40 @@ class TDDPipeline:
         if init_images is not None:
             batch["init_images"] = init_images
 
+        scales = None
+        if self.num_controlnets:
+            batch["control_images"], scales = self._control_inputs(
+                n, height, width, len(settings.timesteps(self.schedule.num_train_timesteps)), control_image,
+                controlnet_conditioning_scale,
+                control_guidance_start, control_guidance_end)
+        elif control_image is not None:
+            raise ValueError("control_image was given but no ControlNet is loaded (from_pretrained(controlnets=))")
+
         shards = self.num_batch_shards
         padded = -(-max(n, batch_size or 0) // shards) * shards
         batch = jax.device_put({k: _pad(v, padded) for k, v in batch.items()}, sharding.batch_sharding(self.mesh))
-        out = self._render(self.params, batch, settings=settings, latent_shape=latent_shape, output_type=output_type)
+        scales = None if scales is None else jax.device_put(scales, sharding.replicated(self.mesh))
+        out = self._render(self.params, batch, scales, settings=settings, latent_shape=latent_shape,
+                           output_type=output_type)
         return np.asarray(out)[:n]
+
+    def _control_inputs(self, n: int, height: int, width: int, num_steps: int, images, scales, starts,
+                        ends) -> tuple[np.ndarray, np.ndarray]:
+        """(control images (n, K, height, width, 3) in [0, 1], per-step scales (num_steps, K)) for K ControlNets;
+        num_steps counts the steps that run (img2img runs fewer, and diffusers' guidance window spans those)."""
+        k = self.num_controlnets
+        if images is None:
+            raise ValueError(f"control_image is required: {k} ControlNet(s) are loaded")
+        if k > 1 and not (isinstance(images, (list, tuple)) and len(images) == k):
+            raise ValueError(f"control_image must be a list of {k} entries, one per ControlNet")
+        per_net = [images] if k == 1 else list(images)
+        rows = []
+        for net_images in per_net:
+            per_prompt = list(net_images) if isinstance(net_images, (list, tuple)) else [net_images] * n
+            if len(per_prompt) != n:
+                raise ValueError(f"control_image has {len(per_prompt)} images for {n} prompts")
+            rows.append(np.stack([control.control_image(image, height, width) for image in per_prompt]))
+        table = control.step_scales(num_steps, *(_per_controlnet(v, k, name) for v, name in (
+            (scales, "controlnet_conditioning_scale"), (starts, "control_guidance_start"),
+            (ends, "control_guidance_end"))))
+        return np.stack(rows, axis=1), table

@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tdd_jax import control as control_lib
 from tdd_jax.conditioning import Cond, unet_output
 from tdd_jax.diffusion.sampler import SamplerSettings, sample
 from tdd_jax.diffusion.schedule import NoiseSchedule
@@ -60,13 +61,14 @@ def decode(vae: AutoencoderKL, latents: jax.Array, output_type: str = "uint8") -
 def render(unet, vae: AutoencoderKL, schedule: NoiseSchedule, settings: SamplerSettings, seeds: jax.Array,
            latent_shape: tuple[int, int, int], cond: Cond, uncond: Cond | None = None, *,
            x_T: jax.Array | None = None, init_images: jax.Array | None = None,
-           output_type: str = "uint8") -> jax.Array:
+           output_type: str = "uint8", control: control_lib.Control | None = None) -> jax.Array:
     """Sample with ``unet`` (whatever model it is: base, student, merged LoRA) and decode with ``vae``.
 
     seeds (B,) uint32 fix the initial noise (unless ``x_T`` is given) and the renoise stream. ``uncond`` is the
     unconditional branch for CFG; None means SDXL's zero embeddings (``Cond.unconditional``). init_images
     (B, H, W, 3) in [0, 1]: img2img, the initial noise (``x_T``) is added to their encoding at the first
-    timestep that runs.
+    timestep that runs. ``control``: ControlNets whose residuals condition every UNet call, both CFG branches on
+    the same control images (as diffusers does without guess_mode), at each step's scales.
     """
     noise_keys, renoise_keys = seed_keys(seeds)
     if x_T is None:
@@ -77,8 +79,18 @@ def render(unet, vae: AutoencoderKL, schedule: NoiseSchedule, settings: SamplerS
     if settings.uses_cfg and uncond is None:
         uncond = cond.unconditional()
 
-    def model_fn(x, t, c):
-        return unet_output(unet, x, t, c)
+    uncond = uncond if settings.uses_cfg else None
+    if control is None:
+        def model_fn(x, t, c):
+            return unet_output(unet, x, t, c)
 
-    latents = sample(model_fn, schedule, settings, x_T, renoise_keys, cond, uncond if settings.uses_cfg else None)
+        latents = sample(model_fn, schedule, settings, x_T, renoise_keys, cond, uncond)
+    else:
+        def model_fn(x, t, c_images, scales):  # the images ride along with the conditioning through cfg_pair
+            c, images = c_images
+            return unet_output(unet, x, t, c, control_lib.residuals(control.nets, x, t, c, images, scales))
+
+        images = tuple(control.images)
+        latents = sample(model_fn, schedule, settings, x_T, renoise_keys, (cond, images),
+                         None if uncond is None else (uncond, images), per_step=control.scales)
     return decode(vae, latents, output_type)

@@ -5,12 +5,18 @@
         [--init_image=photo.png --strength=0.5]
         [--steps=4 --gamma=0.2 --guidance_scale=1.7 --w_prime=auto|W --grid_steps=auto|N --non_equidistant]
         [--seed=0 --height=1024 --width=1024 --batch_size=4 --dtype=bfloat16 --num_shards=N --shard_index=K]
+        [--controlnet=DIR --control_image=edges.png --controlnet_scale=0.5 --control_guidance_end=0.8 ...]
 
 Prompts: a .txt file (one per line) or a .jsonl file ({"prompt": ..., "seed": ..., "negative_prompt": ...};
 seed and negative prompt optional). Prompt i without a seed gets --seed + i. Every image's file name is its index
 plus a digest of everything that decides it (prompt, seed, size, sampler settings, pipeline, LoRA and how it was
 trained), so re-running the same job skips what is already written and a changed setting renders anew. Inputs are
 checked before anything is written; PNGs appear atomically and each gets its metadata line only once it exists.
+
+ControlNets. ``--controlnet=DIR`` (repeatable) with one ``--control_image`` per ControlNet, in the same order, or a
+JSONL prompt's "control_image" (a path, or a list of one per ControlNet, relative to the prompt file's folder);
+``--controlnet_scale``, ``--control_guidance_start/end``: one value, or one per ControlNet (diffusers' semantics,
+see ``TDDPipeline.__call__``). The ControlNets and control image paths are part of each image's digest.
 
 Settings from the LoRA. ``--grid_steps`` defaults to the solver grid the LoRA records (``solver_steps``), else
 250; ``--w_prime=auto`` is w' = (w_min + w_max)/2 of the LoRA's training guidance (paper Eq. 14). w' is refused
@@ -60,7 +66,7 @@ from absl import app, flags
 from PIL import Image
 from tqdm import tqdm
 
-from tdd_jax import lora_source
+from tdd_jax import control, lora_source
 from tdd_jax.atomic import atomic_file
 from tdd_jax.diffusion.sampler import SamplerSettings
 from tdd_jax.image_grid import to_grid
@@ -120,6 +126,17 @@ class SampleJob:
     sheet_thumb: int = _flag(256, "contact-sheet thumbnail size in pixels")
     sheet_max: int = _flag(64, "images on the contact sheet (the first N)")
     sheet_wait: float = _flag(300.0, "shard 0: seconds to wait for the other shards' contact-sheet images")
+    controlnet: tuple[str, ...] = _flag((), "diffusers ControlNet folder (repeatable: several ControlNets, summed as "
+                                        "diffusers' MultiControlNet)")
+    control_image: tuple[str, ...] = _flag((), "control image file, one per --controlnet in the same order (resized "
+                                           "to the image size as diffusers does); a JSONL prompt's 'control_image' "
+                                           "overrides it")
+    controlnet_scale: tuple[float, ...] = _flag((1.0,), "ControlNet conditioning scale: one for all, or one per "
+                                                "--controlnet")
+    control_guidance_start: tuple[float, ...] = _flag((0.0,), "ControlNets are off on the steps i with i/N < start: "
+                                                      "one for all, or one per --controlnet")
+    control_guidance_end: tuple[float, ...] = _flag((1.0,), "ControlNets are off on the steps i with (i+1)/N > end: "
+                                                    "one for all, or one per --controlnet")
 
     def __post_init__(self):
         """One LoRA may be given as a plain string (or None for none)."""
@@ -180,7 +197,7 @@ def read_prompts(path: str | Path, base_seed: int, negative_prompt: str | None =
                 raise ValueError(f"{path}:{n}: not a JSON object ({e})") from None
             if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
                 raise ValueError(f"{path}:{n}: expected an object with a string 'prompt'")
-            fields = {"prompt", "seed", "negative_prompt", "init_image"}
+            fields = {"prompt", "seed", "negative_prompt", "init_image", "control_image"}
             unknown = set(entry) - fields
             if unknown:
                 raise ValueError(f"{path}:{n}: unknown fields {sorted(unknown)} (expected {sorted(fields)})")
@@ -192,8 +209,59 @@ def read_prompts(path: str | Path, base_seed: int, negative_prompt: str | None =
             if not isinstance(entry.get("seed", 0), int) or not (negative is None or isinstance(negative, str)):
                 raise ValueError(f"{path}:{n}: 'seed' must be an integer and 'negative_prompt' a string or null")
             spec.update(entry)
+            if "control_image" in entry:
+                spec["control_image"] = _control_paths(entry["control_image"], path.parent, f"{path}:{n}")
         specs.append(spec)
     return specs
+
+
+def _control_paths(value: Any, folder: Path, where: str) -> list[str]:
+    """A JSONL 'control_image' (a path or a list of paths, relative to ``folder``) as absolute paths."""
+    paths = [value] if isinstance(value, str) else value
+    if not (isinstance(paths, list) and paths and all(isinstance(v, str) for v in paths)):
+        raise ValueError(f"{where}: 'control_image' must be a path or a list of paths")
+    return [str((folder / v).resolve()) for v in paths]
+
+
+def _one_or_each(values: tuple, k: int, name: str) -> float | list[float]:
+    """A per-ControlNet flag's value for TDDPipeline: one number for all, or a list of one per ControlNet."""
+    if len(values) not in (1, k):
+        raise ValueError(f"--{name} has {len(values)} values for {k} --controlnet: give one, or one each")
+    return values[0] if len(values) == 1 else list(values)
+
+
+def _control_kwargs(job: SampleJob, num_steps: int) -> dict[str, Any]:
+    """TDDPipeline's ControlNet arguments from the flags (the images come per batch), checked: no ControlNet
+    gives {}; a scale or window count that fits neither one nor every ControlNet is a ValueError."""
+    k = len(job.controlnet)
+    if not k:
+        return {}
+    kwargs = {name: _one_or_each(getattr(job, flag), k, flag) for name, flag in (
+        ("controlnet_conditioning_scale", "controlnet_scale"), ("control_guidance_start", "control_guidance_start"),
+        ("control_guidance_end", "control_guidance_end"))}
+    control.step_scales(num_steps, *([v] * k if not isinstance(v, list) else v for v in kwargs.values()))
+    return kwargs
+
+
+def _with_control_images(job: SampleJob, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every spec with its 'control_image' list (one existing file per --controlnet), from the JSONL or the flag."""
+    k = len(job.controlnet)
+    if not k:
+        if job.control_image or any("control_image" in spec for spec in specs):
+            raise ValueError("--control_image (or a prompt's 'control_image') needs --controlnet")
+        return specs
+    default = [str(Path(p).resolve()) for p in job.control_image]
+    out = []
+    for i, spec in enumerate(specs):
+        images = spec.get("control_image", default)
+        if len(images) != k:
+            what = "--control_image" if "control_image" not in spec else f"prompt {i}'s 'control_image'"
+            raise ValueError(f"{what} gives {len(images)} control images for {k} --controlnet")
+        missing = [p for p in images if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"control image not found: {missing[0]}")
+        out.append({**spec, "control_image": images})
+    return out
 
 
 def resolve_settings(job: SampleJob, meta: dict[str, Any] | None,
@@ -276,6 +344,11 @@ def plan_images(job: SampleJob, settings: SamplerSettings, specs: list[dict[str,
               "lora": [[str(Path(spec.path).resolve()), spec.scale] for spec in job.lora_specs()] or None,
               "lora_scale": job.lora_scale, "lora_step": job.lora_step, "lora_ema": job.lora_ema,
               "lora_settings_from": job.lora_settings_from, "lora_trained": trained, "dtype": job.dtype}
+    if job.controlnet:
+        common.update({"controlnet": [str(Path(d).resolve()) for d in job.controlnet],
+                       "controlnet_scale": list(job.controlnet_scale),
+                       "control_guidance_start": list(job.control_guidance_start),
+                       "control_guidance_end": list(job.control_guidance_end)})
     records = []
     for index, spec in enumerate(specs):
         record = {**spec, **common}
@@ -380,7 +453,7 @@ def prepare(job: SampleJob) -> Plan:
     if job.dtype not in DTYPES:
         raise ValueError(f"dtype={job.dtype!r} is not one of {DTYPES}")
     num_shards, shard_index = job.shard()
-    specs = read_prompts(job.prompts, job.seed, job.negative_prompt, job.init_image)
+    specs = _with_control_images(job, read_prompts(job.prompts, job.seed, job.negative_prompt, job.init_image))
     bad = [spec["seed"] for spec in specs if not 0 <= spec["seed"] <= MAX_SEED]
     if bad:
         raise ValueError(f"seeds must be in [0, {MAX_SEED}], got {bad[:5]}")
@@ -400,6 +473,7 @@ def prepare(job: SampleJob) -> Plan:
     source = lora_source.settings_source(metas, job.lora_settings_from)
     meta = None if source is None else metas[source][1]
     settings, sources = resolve_settings(job, meta, None if source is None else metas[source][0])
+    _control_kwargs(job, len(settings.timesteps()))
     out = Path(job.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a folder")
@@ -415,7 +489,8 @@ def load_pipeline(job: SampleJob) -> TDDPipeline:
     return TDDPipeline.from_pretrained(job.pipeline, lora=job.lora_specs(), lora_scale=job.lora_scale,
                                        lora_settings_from=job.lora_settings_from,
                                        opts=ModelOptions(dtype=dtype, param_dtype=dtype),
-                                       mesh=sharding.make_mesh(data=-1, fsdp=1, devices=jax.local_devices()))
+                                       mesh=sharding.make_mesh(data=-1, fsdp=1, devices=jax.local_devices()),
+                                       controlnets=job.controlnet)
 
 
 def _write_batch(out: Path, log: MetadataLog, batch: list[dict[str, Any]], images: np.ndarray) -> None:
@@ -429,6 +504,7 @@ def _render_todo(job: SampleJob, plan: Plan, pipe: TDDPipeline, log: MetadataLog
     out = Path(job.out)
     start = time.perf_counter()
     first_done = first_count = None
+    control_kwargs = _control_kwargs(job, len(plan.settings.timesteps()))
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="png-writer") as writer, \
             tqdm(total=len(plan.todo), unit="img", desc="sampling") as bar:
         pending = collections.deque()
@@ -437,9 +513,12 @@ def _render_todo(job: SampleJob, plan: Plan, pipe: TDDPipeline, log: MetadataLog
             height, width = batch[0]["height"], batch[0]["width"]
             init = (np.stack([load_init_image(r["init_image"], width, height) for r in batch])
                     if "init_image" in batch[0] else None)
+            if control_kwargs:  # per ControlNet, the batch's images (one ControlNet: the list itself)
+                per_net = [list(paths) for paths in zip(*(r["control_image"] for r in batch))]
+                control_kwargs["control_image"] = per_net if len(per_net) > 1 else per_net[0]
             images = pipe([r["prompt"] for r in batch], plan.settings, seeds=[r["seed"] for r in batch],
                           negative_prompts=[r["negative_prompt"] for r in batch], height=height, width=width,
-                          init_images=init, batch_size=job.batch_size)
+                          init_images=init, batch_size=job.batch_size, **control_kwargs)
             if first_done is None:
                 first_done, first_count = time.perf_counter(), len(batch)
             pending.append(writer.submit(_write_batch, out, log, batch, images))
@@ -514,8 +593,7 @@ def run(job: SampleJob) -> Path | None:
 
 # --- command line: the flags are SampleJob's fields and SamplerSettings' fields --------------------------------
 
-_DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool, str: flags.DEFINE_string,
-           tuple: flags.DEFINE_multi_string}
+_DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool, str: flags.DEFINE_string}
 
 
 def _flag_fields(cls) -> list[tuple[str, dataclasses.Field, type]]:
@@ -525,8 +603,7 @@ def _flag_fields(cls) -> list[tuple[str, dataclasses.Field, type]]:
     for field in dataclasses.fields(cls):
         if field.metadata.get("help"):
             kinds = [k for k in typing.get_args(hints[field.name]) if k is not type(None)] or [hints[field.name]]
-            kind = tuple if typing.get_origin(hints[field.name]) is tuple else kinds[0]  # a repeatable flag
-            out.append((field.metadata.get("flag") or field.name, field, kind))
+            out.append((field.metadata.get("flag") or field.name, field, kinds[0]))  # tuple[X, ...]: X
     return out
 
 
@@ -542,6 +619,9 @@ def define_flags() -> None:
                 flags.DEFINE_string(name, default, f"{help_text}: a number, or '{AUTO}' = {auto}")
             elif choices:
                 flags.DEFINE_enum(name, field.default, choices, help_text)
+            elif isinstance(field.default, tuple):  # a repeatable flag
+                define = flags.DEFINE_multi_float if kind is float else flags.DEFINE_multi_string
+                define(name, list(field.default) or None, help_text)
             else:
                 _DEFINE[kind](name, None if field.default is dataclasses.MISSING else field.default, help_text)
     flags.mark_flags_as_required([f.name for f in dataclasses.fields(SampleJob) if f.default is dataclasses.MISSING])
@@ -562,6 +642,8 @@ def job_from_flags(values: flags.FlagValues) -> SampleJob:
                 raise app.UsageError(f"--{name}={value!r} is neither a number nor '{AUTO}'") from None
         settings[field.name] = value
     job = {field.name: values[name].value for name, field, _ in _flag_fields(SampleJob)}
+    job.update({name: tuple(value or ()) for name, value in job.items()
+                if isinstance(SampleJob.__dataclass_fields__[name].default, tuple)})
     return SampleJob(**job, settings=SamplerSettings(**settings), from_lora=frozenset(from_lora))
 
 

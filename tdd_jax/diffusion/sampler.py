@@ -26,8 +26,9 @@ from tdd_jax.diffusion.solver import ddim_step, equidistant_timesteps, guide
 
 FINAL_STEPS = ("clean", "tcd")
 
-# model_fn(x [B,H,W,C], t [B] int32, cond pytree with leading axis B) -> model output like x.
-ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
+# model_fn(x [B,H,W,C], t [B] int32, cond pytree with leading axis B[, this step's row of per_step]) -> model
+# output like x. per_step (``sample``): model inputs that change with the step, e.g. ControlNet scales.
+ModelFn = Callable[..., jax.Array]
 
 
 def sampler_timesteps(num_steps: int, *, grid_steps: int = 250, num_train_timesteps: int = 1000,
@@ -128,14 +129,15 @@ def dynamic_threshold(x0: jax.Array, percentile: float, max_value: float) -> jax
 
 
 def guided_model_output(model_fn: ModelFn, settings: SamplerSettings, x: jax.Array, t: jax.Array, cond: Any,
-                        uncond: Any) -> jax.Array:
-    """Model output at (x, t) with CFG and guidance-scale tuning; one 2B call (``cfg_pair``) when CFG is on."""
+                        uncond: Any, *step_inputs: Any) -> jax.Array:
+    """Model output at (x, t) with CFG and guidance-scale tuning; one 2B call (``cfg_pair``) when CFG is on.
+    step_inputs: passed on to model_fn after the conditioning (this step's row of ``per_step``)."""
     batch = x.shape[0]
     t = jnp.full((batch,), t, jnp.int32)
     if not settings.uses_cfg:
-        return model_fn(x, t, cond).astype(jnp.float32)
+        return model_fn(x, t, cond, *step_inputs).astype(jnp.float32)
     x2, t2, both = cfg_pair((x, t, cond), (x, t, uncond))
-    out_c, out_u = split_cfg_pair(model_fn(x2, t2, both).astype(jnp.float32))
+    out_c, out_u = split_cfg_pair(model_fn(x2, t2, both, *step_inputs).astype(jnp.float32))
     guided = guide(out_c, out_u, settings.guidance_scale - 1.0)
     if settings.w_prime:
         guided = (guided + settings.w_prime * out_u) / (1.0 + settings.w_prime)
@@ -153,7 +155,8 @@ def _step_tables(settings: SamplerSettings, num_train_timesteps: int) -> dict[st
 
 
 def _denoise_loop(model_fn: ModelFn, schedule: NoiseSchedule, settings: SamplerSettings, x_T: jax.Array,
-                  renoise: jax.Array | None, cond: Any, uncond: Any) -> tuple[jax.Array, jax.Array]:
+                  renoise: jax.Array | None, cond: Any, uncond: Any,
+                  per_step: Any = None) -> tuple[jax.Array, jax.Array]:
     """The sampling loop with explicit renoise noise (N, *x_T.shape) (entry N−1 unused; None when γ = 0).
 
     Returns (final latents, the latents after every step). Explicit noise lets tests share it with diffusers.
@@ -161,9 +164,12 @@ def _denoise_loop(model_fn: ModelFn, schedule: NoiseSchedule, settings: SamplerS
     tables = _step_tables(settings, schedule.num_train_timesteps)
     if renoise is not None:
         tables["z"] = renoise
+    if per_step is not None:
+        tables["model"] = per_step
 
     def step(x, row):
-        out = guided_model_output(model_fn, settings, x, row["t"], cond, uncond)
+        step_inputs = () if per_step is None else (row["model"],)
+        out = guided_model_output(model_fn, settings, x, row["t"], cond, uncond, *step_inputs)
         x0, eps = schedule.to_x0_eps(out, x, row["t"])
         if settings.clip_steps:
             # Clip x̂0, then re-derive ε̂ from it (the DPM-Solver++ data-prediction update implies this).
@@ -192,12 +198,13 @@ def renoise_noise(key: jax.Array, num_steps: int, shape: tuple[int, ...]) -> jax
 
 
 def sample(model_fn: ModelFn, schedule: NoiseSchedule, settings: SamplerSettings, x_T: jax.Array,
-           key: jax.Array, cond: Any, uncond: Any = None) -> jax.Array:
+           key: jax.Array, cond: Any, uncond: Any = None, *, per_step: Any = None) -> jax.Array:
     """Run the N-step sampler from x_T (float32 NHWC latents); traceable, meant to be run under one jax.jit.
 
     Renoise noise comes from ``key`` only (one key, or one typed key per sample: see ``renoise_noise``), so
     (x_T, key, cond, settings) fixes the result. ``uncond`` (same pytree structure as ``cond``: SDXL's zero
-    embeddings or a negative prompt) is required when ``settings.uses_cfg``.
+    embeddings or a negative prompt) is required when ``settings.uses_cfg``. ``per_step``: a pytree of arrays
+    with leading axis len(settings.timesteps()) (the steps that run); step i calls model_fn(x, t, cond, its row i) (e.g. ControlNet scales).
     """
     settings.validate()
     if settings.uses_cfg and uncond is None:
@@ -205,7 +212,7 @@ def sample(model_fn: ModelFn, schedule: NoiseSchedule, settings: SamplerSettings
     renoise = None
     if settings.gamma > 0:
         renoise = renoise_noise(key, len(settings.timesteps(schedule.num_train_timesteps)), x_T.shape)
-    final, _ = _denoise_loop(model_fn, schedule, settings, x_T, renoise, cond, uncond)
+    final, _ = _denoise_loop(model_fn, schedule, settings, x_T, renoise, cond, uncond, per_step)
     return final
 
 

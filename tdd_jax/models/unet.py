@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import FrozenDict
@@ -104,46 +105,50 @@ def _per_level(cfg: dict, name: str, n: int) -> list:
     return values
 
 
-def _checked_config(config: dict) -> dict:
-    """diffusers defaults filled in, unsupported options rejected by field name."""
+def checked_config(config: dict, *, decoder: bool = True, what: str = "UNet") -> dict:
+    """diffusers defaults filled in, unsupported options rejected by field name. ``decoder=False`` checks only the
+    encoder half (a ControlNet's config has no up blocks); ``what`` names the model in the errors."""
     cfg = {**_DEFAULTS, **config}
     for name, default in _UNSUPPORTED.items():
         value = cfg.get(name, default)
         if value != default:
-            raise ValueError(f"UNet config field {name!r} = {value!r} is not supported (only {default!r})")
+            raise ValueError(f"{what} config field {name!r} = {value!r} is not supported (only {default!r})")
     only_cross = cfg.get("only_cross_attention", False)
     if any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross:
-        raise ValueError(f"UNet config field 'only_cross_attention' = {only_cross!r} is not supported")
+        raise ValueError(f"{what} config field 'only_cross_attention' = {only_cross!r} is not supported")
     if cfg["act_fn"] not in ("silu", "swish"):
-        raise ValueError(f"UNet config field 'act_fn' = {cfg['act_fn']!r} is not supported (only 'silu')")
+        raise ValueError(f"{what} config field 'act_fn' = {cfg['act_fn']!r} is not supported (only 'silu')")
     if cfg["norm_num_groups"] is None:
-        raise ValueError("UNet config field 'norm_num_groups' = None is not supported")
+        raise ValueError(f"{what} config field 'norm_num_groups' = None is not supported")
     if cfg["addition_embed_type"] not in (None, "text_time"):
-        raise ValueError(f"UNet config field 'addition_embed_type' = {cfg['addition_embed_type']!r} is not "
+        raise ValueError(f"{what} config field 'addition_embed_type' = {cfg['addition_embed_type']!r} is not "
                          "supported (only None or 'text_time')")
     if cfg["mid_block_type"] != "UNetMidBlock2DCrossAttn":
-        raise ValueError(f"UNet config field 'mid_block_type' = {cfg['mid_block_type']!r} is not supported")
-    for name, kinds in (("down_block_types", ("DownBlock2D", "CrossAttnDownBlock2D")),
-                        ("up_block_types", ("UpBlock2D", "CrossAttnUpBlock2D"))):
+        raise ValueError(f"{what} config field 'mid_block_type' = {cfg['mid_block_type']!r} is not supported")
+    block_kinds = [("down_block_types", ("DownBlock2D", "CrossAttnDownBlock2D"))]
+    if decoder:
+        block_kinds.append(("up_block_types", ("UpBlock2D", "CrossAttnUpBlock2D")))
+    n = len(cfg["block_out_channels"])
+    for name, kinds in block_kinds:
         bad = [t for t in cfg[name] if t not in kinds]
         if bad:
-            raise ValueError(f"UNet config field {name!r} contains unsupported block types {bad} (only {kinds})")
-    n = len(cfg["block_out_channels"])
-    if len(cfg["down_block_types"]) != n or len(cfg["up_block_types"]) != n:
-        raise ValueError("UNet config fields 'down_block_types', 'up_block_types' and 'block_out_channels' must "
-                         "have the same length")
+            raise ValueError(f"{what} config field {name!r} contains unsupported block types {bad} (only {kinds})")
+        if len(cfg[name]) != n:
+            raise ValueError(f"{what} config fields {name!r} and 'block_out_channels' must have the same length")
     for name in ("layers_per_block", "transformer_layers_per_block", "attention_head_dim", "cross_attention_dim"):
         cfg[name] = _per_level(cfg, name, n)
     if any(isinstance(v, (list, tuple)) for v in cfg["transformer_layers_per_block"]):
-        raise ValueError("UNet config field 'transformer_layers_per_block' with per-layer lists is not supported")
+        raise ValueError(f"{what} config field 'transformer_layers_per_block' with per-layer lists is not supported")
     return cfg
 
 
-class UNet2DConditionModel(nnx.Module):
-    """Noise/velocity predictor: (latents NHWC, timesteps, text states, added conds) -> output NHWC."""
+class UNetEncoder(nnx.Module):
+    """The half of the UNet that a ControlNet copies: conv_in, the time (+ text_time) embedding, the down blocks
+    and the mid block, under diffusers' module names. ``UNet2DConditionModel`` adds the decoder to it and
+    ``controlnet.ControlNetModel`` the conditioning embedding and zero convolutions."""
 
-    def __init__(self, config: dict, *, opts: ModelOptions = ModelOptions(), rngs: nnx.Rngs):
-        cfg = _checked_config(config)
+    def _init_encoder(self, cfg: dict, *, opts: ModelOptions, rngs: nnx.Rngs):
+        """Build the encoder's modules from a checked config (``checked_config``)."""
         # Hashable (lists as tuples), so the config is static graph metadata and graphdefs stay hashable.
         self.config = FrozenDict({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
         chans = list(cfg["block_out_channels"])
@@ -153,7 +158,7 @@ class UNet2DConditionModel(nnx.Module):
         groups, eps, linear = cfg["norm_num_groups"], cfg["norm_eps"], bool(cfg["use_linear_projection"])
         temb_ch = 4 * chans[0]
 
-        k_in, k_out = cfg["conv_in_kernel"], cfg["conv_out_kernel"]
+        k_in = cfg["conv_in_kernel"]
         self.conv_in = Conv2d(cfg["in_channels"], chans[0], k_in, padding=(k_in - 1) // 2, opts=opts, rngs=rngs)
         self.time_proj = Timesteps(chans[0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
         self.time_embedding = TimestepEmbedding(chans[0], temb_ch, opts=opts, rngs=rngs)
@@ -177,21 +182,17 @@ class UNet2DConditionModel(nnx.Module):
             chans[-1], temb_ch, heads=heads[-1], transformer_layers=cfg["transformer_layers_per_block"][-1],
             context_dim=cfg["cross_attention_dim"][-1], groups=groups, eps=eps,
             output_scale_factor=cfg["mid_block_scale_factor"], linear_projection=linear, opts=opts, rngs=rngs)
-
-        up = []
-        for i, kind in enumerate(cfg["up_block_types"]):
-            j = n - 1 - i  # the level this up block mirrors
-            cross = kind == "CrossAttnUpBlock2D"
-            up.append(UpBlock2D(
-                chans[max(j - 1, 0)], chans[min(j + 1, n - 1)], chans[j], temb_ch,
-                layers=cfg["layers_per_block"][j] + 1, add_upsample=j > 0, groups=groups, eps=eps,
-                heads=heads[j] if cross else None, transformer_layers=cfg["transformer_layers_per_block"][j],
-                context_dim=cfg["cross_attention_dim"][j], linear_projection=linear, opts=opts, rngs=rngs))
-        self.up_blocks = nnx.List(up)
-
-        self.conv_norm_out = GroupNorm(groups, chans[0], eps=eps, opts=opts)
-        self.conv_out = Conv2d(chans[0], cfg["out_channels"], k_out, padding=(k_out - 1) // 2, opts=opts, rngs=rngs)
         self.center_input_sample = bool(cfg["center_input_sample"])
+
+    @property
+    def skip_channels(self) -> tuple[int, ...]:
+        """Channels of the skip states in order (conv_in's output, then every down-block state): the shapes of
+        a ControlNet's down residuals."""
+        chans = self.config["block_out_channels"]
+        out = [chans[0]]
+        for i, (c, layers) in enumerate(zip(chans, self.config["layers_per_block"])):
+            out += [c] * (layers + (i < len(chans) - 1))  # each resnet (+ attention), then the downsampler
+        return tuple(out)
 
     def _embed(self, sample, timesteps, added_cond_kwargs: dict | None):
         """(input sample, time + added-condition embedding): the part every forward shares."""
@@ -209,16 +210,73 @@ class UNet2DConditionModel(nnx.Module):
             emb = emb + self.add_embedding(jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], -1))
         return sample, emb
 
-    def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs: dict | None = None):
-        """sample (B, H, W, C) NHWC; timesteps (B,) or scalar; encoder_hidden_states (B, T, D);
-        added_cond_kwargs {'text_embeds': (B, E), 'time_ids': (B, 6)} for text_time models."""
-        sample, emb = self._embed(sample, timesteps, added_cond_kwargs)
-        x = self.conv_in(sample)
-        skips = [x]
+    def _encode(self, x, emb, encoder_hidden_states) -> tuple[list[list], jax.Array]:
+        """From conv_in's output: (the skip states per level: [[conv_in's output], states of down block 0, ...],
+        the mid block's output)."""
+        levels = [[x]]
         for block in self.down_blocks:
             x, states = block(x, emb, encoder_hidden_states)
-            skips.extend(states)
-        x = self.mid_block(x, emb, encoder_hidden_states)
+            levels.append(states)
+        return levels, self.mid_block(x, emb, encoder_hidden_states)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, *, opts: ModelOptions = ModelOptions(), shardings=None,
+                        variant: str | None = None):
+        """Load a diffusers model folder (config.json + safetensors, ``variant`` e.g. 'fp16' picks
+        ``diffusion_pytorch_model.fp16.safetensors``) without torch and without random init."""
+        config = read_config(folder)
+        files = weight_files(folder, variant)
+        return build_model(lambda: cls(config, opts=opts, rngs=nnx.Rngs(0)), files, shardings=shardings)
+
+
+class UNet2DConditionModel(UNetEncoder):
+    """Noise/velocity predictor: (latents NHWC, timesteps, text states, added conds) -> output NHWC."""
+
+    def __init__(self, config: dict, *, opts: ModelOptions = ModelOptions(), rngs: nnx.Rngs):
+        cfg = checked_config(config)
+        self._init_encoder(cfg, opts=opts, rngs=rngs)
+        chans = list(cfg["block_out_channels"])
+        n = len(chans)
+        heads = cfg["attention_head_dim"]
+        groups, eps, linear = cfg["norm_num_groups"], cfg["norm_eps"], bool(cfg["use_linear_projection"])
+        temb_ch = 4 * chans[0]
+        up = []
+        for i, kind in enumerate(cfg["up_block_types"]):
+            j = n - 1 - i  # the level this up block mirrors
+            cross = kind == "CrossAttnUpBlock2D"
+            up.append(UpBlock2D(
+                chans[max(j - 1, 0)], chans[min(j + 1, n - 1)], chans[j], temb_ch,
+                layers=cfg["layers_per_block"][j] + 1, add_upsample=j > 0, groups=groups, eps=eps,
+                heads=heads[j] if cross else None, transformer_layers=cfg["transformer_layers_per_block"][j],
+                context_dim=cfg["cross_attention_dim"][j], linear_projection=linear, opts=opts, rngs=rngs))
+        self.up_blocks = nnx.List(up)
+
+        k_out = cfg["conv_out_kernel"]
+        self.conv_norm_out = GroupNorm(groups, chans[0], eps=eps, opts=opts)
+        self.conv_out = Conv2d(chans[0], cfg["out_channels"], k_out, padding=(k_out - 1) // 2, opts=opts, rngs=rngs)
+
+    def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs: dict | None = None, *,
+                 down_block_additional_residuals=None, mid_block_additional_residual=None):
+        """sample (B, H, W, C) NHWC; timesteps (B,) or scalar; encoder_hidden_states (B, T, D);
+        added_cond_kwargs {'text_embeds': (B, E), 'time_ids': (B, 6)} for text_time models.
+
+        down_block_additional_residuals / mid_block_additional_residual: a ControlNet's outputs (NHWC, one per
+        skip state: ``skip_channels``), added to the skip connections and to the mid block's output as diffusers'
+        UNet2DConditionModel does; pass both or neither.
+        """
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            raise ValueError("pass both down_block_additional_residuals and mid_block_additional_residual "
+                             "(a ControlNet's outputs) or neither")
+        if down_block_additional_residuals is not None and \
+                len(down_block_additional_residuals) != len(self.skip_channels):
+            raise ValueError(f"down_block_additional_residuals has {len(down_block_additional_residuals)} entries "
+                             f"for the UNet's {len(self.skip_channels)} skip connections")
+        sample, emb = self._embed(sample, timesteps, added_cond_kwargs)
+        levels, x = self._encode(self.conv_in(sample), emb, encoder_hidden_states)
+        skips = [s for level in levels for s in level]
+        if down_block_additional_residuals is not None:
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
+            x = x + mid_block_additional_residual
         for block in self.up_blocks:
             k = len(block.resnets)
             res, skips = skips[-k:], skips[:-k]
@@ -231,24 +289,11 @@ class UNet2DConditionModel(nnx.Module):
         """The output of every down block and of the mid block (NHWC; SDXL: 320, 640, 1280, 1280 channels),
         without running the up blocks: the feature pyramid a UNet-encoder discriminator (PCM, TDD-adv) reads."""
         sample, emb = self._embed(sample, timesteps, added_cond_kwargs)
-        x = self.conv_in(sample)
-        features = []
-        for block in self.down_blocks:
-            x, _ = block(x, emb, encoder_hidden_states)
-            features.append(x)
-        features.append(self.mid_block(x, emb, encoder_hidden_states))
-        return features
+        levels, mid = self._encode(self.conv_in(sample), emb, encoder_hidden_states)
+        return [states[-1] for states in levels[1:]] + [mid]
 
     @property
     def feature_channels(self) -> tuple[int, ...]:
         """Channels of ``encoder_features``' outputs: each level's width, then the mid block's."""
         chans = tuple(self.config["block_out_channels"])
         return chans + chans[-1:]
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, *, opts: ModelOptions = ModelOptions(), shardings=None,
-                        variant: str | None = None) -> "UNet2DConditionModel":
-        """Load a diffusers ``unet/`` folder (config.json + safetensors) without torch and without random init."""
-        config = read_config(folder)
-        files = weight_files(folder, variant)
-        return build_model(lambda: cls(config, opts=opts, rngs=nnx.Rngs(0)), files, shardings=shardings)
