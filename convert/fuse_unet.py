@@ -11,7 +11,6 @@ tdd_jax, and needs no LoRA support at inference time.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -19,10 +18,12 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from tdd_jax.atomic import atomic_dir
 from convert.sources import DTYPES, lora_source
+from tdd_jax import cli, console
+from tdd_jax.atomic import atomic_dir
 from tdd_jax.lora_source import header_metadata
 from tdd_jax.models.loading import weight_files
+from tdd_jax.models.lora_formats import LoRAFormatError
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -32,7 +33,7 @@ def unet_folder(base: str | Path) -> Path:
     base = Path(base)
     folder = base / "unet" if (base / "unet" / "config.json").is_file() else base
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{base} is neither a diffusers UNet folder nor a pipeline folder with unet/")
+        raise cli.UserError(f"--base {base} is neither a diffusers UNet folder nor a pipeline folder with unet/")
     return folder
 
 
@@ -63,8 +64,9 @@ def fuse(base: str | Path, lora_path: str | Path, out: str | Path, *, scale: flo
     return Path(out)
 
 
+@cli.guarded
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m convert.fuse_unet", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="python -m convert.fuse_unet", description=__doc__.split("\n")[0])
     parser.add_argument("--base", required=True, help="diffusers SDXL pipeline folder or its unet/ folder")
     parser.add_argument("--lora", required=True,
                         help="trainer workdir/checkpoint folder, or a diffusers/kohya LoRA .safetensors file")
@@ -76,9 +78,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="output tensor dtype (default: that of the base)")
     parser.add_argument("--variant", default=None, help="base weights variant, e.g. fp16")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    console.add_verbosity_flag(parser)
     args = parser.parse_args(argv)
-    out = fuse(args.base, args.lora, args.out, scale=args.scale, dtype=args.dtype, step=args.step, ema=args.ema,
-               variant=args.variant, overwrite=args.overwrite)
+    console.route_logs(args.verbosity, to_file=False)
+    try:
+        out = fuse(args.base, args.lora, args.out, scale=args.scale, dtype=args.dtype, step=args.step,
+                   ema=args.ema, variant=args.variant, overwrite=args.overwrite)
+    except LoRAFormatError as e:  # the LoRA does not fit this base: the message names the file and keys
+        raise cli.UserError(f"--lora {e}") from e
     print(f"wrote {out}")
 
 

@@ -108,15 +108,17 @@ def import_quietly(module: str) -> None:
         _stderr_of_imports.append(f"import {module} wrote to stderr:\n{text}")
 
 
-def route_logs(verbosity: int | None = None) -> None:
-    """Log records to the log file (``write_log_to``) at INFO, or ``verbosity`` (absl levels: -1 WARNING, 0 INFO,
-    1 DEBUG); on the console only this project's warnings and any errors, unless ``verbosity`` is given."""
+def route_logs(verbosity: int | None = None, *, to_file: bool = True) -> None:
+    """Log records to the log file (``write_log_to``; none without ``to_file``) at INFO, or ``verbosity`` (absl
+    levels: -1 WARNING, 0 INFO, 1 DEBUG); on the console only this project's warnings and any errors, unless
+    ``verbosity`` is given."""
     global _log_file
     root = logging.getLogger()
-    for handler in list(root.handlers):  # absl's handler, or one that logging.basicConfig added
-        if handler is absl_logging.get_absl_handler() or isinstance(handler, (logging.StreamHandler, _LogFile)):
+    for handler in list(root.handlers):  # absl's, an earlier call's, or a stderr one of logging.basicConfig
+        if handler is absl_logging.get_absl_handler() or isinstance(handler, _LogFile) or (
+                type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.__stderr__)):
             root.removeHandler(handler)
-    root.setLevel(converter.absl_to_standard(0 if verbosity is None else verbosity))
+    root.setLevel(converter.absl_to_standard(verbosity if verbosity is not None else 0 if to_file else -1))
     logging.captureWarnings(True)
     console = logging.StreamHandler(sys.stderr)
     if verbosity is None:
@@ -124,9 +126,10 @@ def route_logs(verbosity: int | None = None) -> None:
         console.setFormatter(_ShortFormatter())
     else:
         console.setFormatter(absl_logging.PythonFormatter())
-    _log_file = _LogFile()
     root.addHandler(console)
-    root.addHandler(_log_file)
+    _log_file = _LogFile() if to_file else None
+    if _log_file is not None:
+        root.addHandler(_log_file)
     for text in _stderr_of_imports:
         logging.info("%s", text)
     _stderr_of_imports.clear()
