@@ -48,8 +48,8 @@ def fuse(base: str | Path, lora_path: str | Path, out: str | Path, *, scale: flo
         shape = tuple(h.get_slice(key).get_shape())
         if key.endswith(".weight") and len(shape) in (2, 4):
             shapes[key[: -len(".weight")]] = shape
+    lora, meta = lora_source(lora_path, shapes, step=step, ema=ema)  # checked before any output folder exists
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        lora, meta = lora_source(lora_path, shapes, step=step, ema=ema)
         fused = {}
         for key, h in where.items():
             w = h.get_tensor(key)

@@ -22,14 +22,13 @@ TORCH_DTYPES = ("float32", "float16", "bfloat16")
 def import_checkpoint(checkpoint: str | Path, config: str | Path, out: str | Path, *, dtype: str = "float32",
                       overwrite: bool = False) -> Path:
     """Write the diffusers folder ``out`` (safetensors) for ``checkpoint``; returns ``out``."""
-    import torch
-    from diffusers import StableDiffusionXLPipeline
-
     checkpoint, config = Path(checkpoint), Path(config)
     if not checkpoint.is_file():
         raise cli.UserError(f"--checkpoint {checkpoint}: no such file")
     if not (config / "model_index.json").is_file():
         raise cli.UserError(f"--config {config} is not a diffusers pipeline folder (no model_index.json)")
+    import torch
+    from diffusers import StableDiffusionXLPipeline
     with atomic_dir(out, overwrite=overwrite) as tmp:
         pipe = StableDiffusionXLPipeline.from_single_file(
             str(checkpoint), config=str(config), local_files_only=True, torch_dtype=getattr(torch, dtype))

@@ -70,7 +70,7 @@ def check_one_setting(folder: Path, records: list[dict]) -> None:
         return
     decoded = [json.loads(x) for x in settings]
     fields = sorted({k for d in decoded for k in d if any(d.get(k) != e.get(k) for e in decoded)})
-    values = "; ".join(f"{k}: {sorted({json.dumps(d.get(k)) for d in decoded})}" for k in fields[:4])
+    values = "; ".join(f"{k}: {' vs '.join(sorted({json.dumps(d.get(k)) for d in decoded}))}" for k in fields[:4])
     raise cli.UserError(f"--samples {folder} holds images of {len(settings)} different settings ({values}); "
                         "sample each setting into its own --out folder and evaluate those")
 

@@ -37,8 +37,6 @@ def summary_lines(cfg, workdir, *, first_step: int, last_step: int, seconds: flo
     else:
         lines.append(f"  comparison   none: validation.every={cfg.validation.every} > num_train_steps="
                      f"{cfg.num_train_steps} (--config.validation.every={cfg.num_train_steps} renders one)")
-    if stopped:
-        lines.append("  resume       rerun the same command (same --workdir)")
     lines += [
         "  next:",
         f"    python -m tdd_jax.sample --pipeline={cfg.pipeline_dir} --lora={workdir} --prompts=PROMPTS.txt "
