@@ -14,9 +14,10 @@ from tiny_pipeline import save_tiny_sdxl_pipeline  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def restore_logging():
-    """For tests that call a command's main in this process: it routes the logs (``tdd_jax.console``)."""
+    """A command's main run in this process routes the logs (``tdd_jax.console.route_logs``): undone after each
+    test."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     yield

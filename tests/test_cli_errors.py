@@ -63,7 +63,7 @@ def sample_error(capsys, *argv) -> str:
     ("lora=truncated.safetensors", "LoRA file {tmp}/truncated.safetensors is not a readable .safetensors file "
                                    "(Error while deserializing header: incomplete metadata, file not fully covered)"),
 ])
-def test_sampler(case, message, files, tiny_pipeline_dir, capsys, restore_logging):
+def test_sampler(case, message, files, tiny_pipeline_dir, capsys):
     name, value = case.split("=")
     args = {"pipeline": tiny_pipeline_dir, "prompts": files / "prompts.txt", "out": files / "out"}
     args[name] = value if name == "guidance_scale" else files / value
@@ -79,7 +79,7 @@ def test_sampler(case, message, files, tiny_pipeline_dir, capsys, restore_loggin
      "setting into its own --out folder and evaluate those"),
     (["--reference", "emoji"], "the following arguments are required: --samples (--help lists the flags)"),
 ])
-def test_evaluate(argv, message, files, capsys, restore_logging):
+def test_evaluate(argv, message, files, capsys):
     argv = [str(files / a) if a in ("empty_folder", "mixed") else a for a in argv]
     out = files / "results.json"
     assert one_line_error(capsys, lambda: evaluate.main([*argv, "--out", str(out)])) == message.format(tmp=files)
@@ -100,7 +100,7 @@ def test_evaluate(argv, message, files, capsys, restore_logging):
     (import_checkpoint, ["--checkpoint", "nowhere.safetensors", "--config", "empty_folder", "--out", "out/sdxl"],
      "--checkpoint {tmp}/nowhere.safetensors: no such file"),
 ])
-def test_conversions(command, argv, message, files, tiny_pipeline_dir, capsys, restore_logging):
+def test_conversions(command, argv, message, files, tiny_pipeline_dir, capsys):
     argv = [str(tiny_pipeline_dir) if a == "PIPELINE" else str(files / a) if not a.startswith("--") else a
             for a in argv]
     assert one_line_error(capsys, lambda: command.main(argv)) == message.format(tmp=files)

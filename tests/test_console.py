@@ -32,12 +32,12 @@ def user_environment() -> dict:
 
 def start(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", *map(str, args)], cwd=REPO, env=user_environment(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # bytes: text mode turns \r into \n
 
 
 def finish(proc: subprocess.Popen, timeout: float = 900) -> dict:
     out, err = proc.communicate(timeout=timeout)
-    return {"code": proc.returncode, "out": out, "err": err}
+    return {"code": proc.returncode, "out": out.decode(), "err": err.decode()}
 
 
 def console_lines(run: dict) -> list[str]:
@@ -133,7 +133,7 @@ def assert_readable(path: Path, count: int) -> None:
         assert f.stat().st_mode & wanted == wanted, (f, oct(f.stat().st_mode))
 
 
-def test_exported_and_fused_files_are_readable(runs, tiny_pipeline_dir, tmp_path, restore_logging):
+def test_exported_and_fused_files_are_readable(runs, tiny_pipeline_dir, tmp_path):
     """safetensors' save_file renames its own 0600 temporary file over the path it is given."""
     lora = tmp_path / "lora.safetensors"
     export_lora.main(["--checkpoint", str(runs["workdir"]), "--diffusers", str(lora)])
