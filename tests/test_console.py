@@ -93,7 +93,7 @@ def test_training_console_is_short_and_ends_with_a_summary(runs):
     assert re.search(rf"train: 100%.*{STEPS}/{STEPS} .*loss=", text)  # the bar's last redraw, with the loss
     checkpoint = workdir / "checkpoints" / str(STEPS)
     assert checkpoint.is_dir() and f"checkpoint   {checkpoint}" in text
-    assert f"done: step {STEPS} ({STEPS} steps run in" in text and "final loss" in text
+    assert f"done: step {STEPS} ({STEPS} steps; " in text and "with start-up and compile, final loss" in text
     assert "comparison   none: validation.every=1000 > num_train_steps=20" in text
     assert f"python -m tdd_jax.sample --pipeline=" in text and f"--lora={workdir}" in text
     assert f"python -m convert.export_lora --checkpoint={workdir}" in text

@@ -29,7 +29,7 @@ def summary_lines(cfg, workdir, *, first_step: int, last_step: int, seconds: flo
     ran = last_step - first_step
     minutes, secs = divmod(round(seconds), 60)
     done = f"stopped on request at step {last_step}" if stopped else f"done: step {last_step}"
-    lines = ["", f"{done} ({ran} steps run in {minutes}m{secs:02d}s"
+    lines = ["", f"{done} ({ran} steps; {minutes}m{secs:02d}s with start-up and compile"
                  + (f", final loss {final_loss:.4g})" if final_loss is not None else ")")]
     lines.append(f"  checkpoint   {checkpoint}")
     if comparison is not None:
