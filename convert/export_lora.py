@@ -13,7 +13,6 @@ reads for ``--w_prime=auto`` and its default ``--grid_steps``).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 from collections.abc import Mapping
@@ -21,8 +20,9 @@ from pathlib import Path
 
 from safetensors.numpy import save_file
 
-from tdd_jax.atomic import atomic_file
 from convert.sources import DTYPES
+from tdd_jax import cli, console
+from tdd_jax.atomic import atomic_file
 from tdd_jax.lora_source import header_metadata
 from tdd_jax.training.checkpointing import checkpoint_lora
 from tdd_jax.models import lora_formats
@@ -51,8 +51,9 @@ def export(lora, meta: Mapping, *, diffusers: str | Path | None = None, kohya: s
     return [Path(path) for path, _, _ in jobs]
 
 
+@cli.guarded
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m convert.export_lora", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="python -m convert.export_lora", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True,
                         help="trainer workdir, its checkpoints/ folder, or one step folder")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -61,7 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kohya", help="output .safetensors in kohya format (ComfyUI/A1111)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="tensor dtype of the files")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    console.add_verbosity_flag(parser)
     args = parser.parse_args(argv)
+    console.route_logs(args.verbosity, to_file=False)
     if args.diffusers is None and args.kohya is None:
         parser.error("give --diffusers and/or --kohya")
     lora, meta = checkpoint_lora(args.checkpoint, step=args.step, ema=args.ema)

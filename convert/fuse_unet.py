@@ -15,7 +15,6 @@ at inference time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -24,10 +23,12 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from tdd_jax.atomic import atomic_dir
 from convert.sources import DTYPES, lora_source
+from tdd_jax import cli, console
+from tdd_jax.atomic import atomic_dir
 from tdd_jax.lora_source import LoRASpec, as_specs, header_metadata, settings_source
 from tdd_jax.models.loading import weight_files
+from tdd_jax.models.lora_formats import LoRAFormatError
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -37,7 +38,7 @@ def unet_folder(base: str | Path) -> Path:
     base = Path(base)
     folder = base / "unet" if (base / "unet" / "config.json").is_file() else base
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{base} is neither a diffusers UNet folder nor a pipeline folder with unet/")
+        raise cli.UserError(f"--base {base} is neither a diffusers UNet folder nor a pipeline folder with unet/")
     return folder
 
 
@@ -58,6 +59,7 @@ def fuse(base: str | Path, lora, out: str | Path, *, scale: float = 1.0, dtype: 
         shape = tuple(h.get_slice(key).get_shape())
         if key.endswith(".weight") and len(shape) in (2, 4):
             shapes[key[: -len(".weight")]] = shape
+    # every LoRA read and checked before any output folder exists
     read = [lora_source(spec.path, shapes, step=spec.step, ema=spec.ema) for spec in specs]
     source = settings_source([(spec.path, meta) for spec, (_, meta) in zip(specs, read)], lora_settings_from)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -80,8 +82,9 @@ def fuse(base: str | Path, lora, out: str | Path, *, scale: float = 1.0, dtype: 
     return Path(out)
 
 
+@cli.guarded
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m convert.fuse_unet", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="python -m convert.fuse_unet", description=__doc__.split("\n")[0])
     parser.add_argument("--base", required=True, help="diffusers SDXL pipeline folder or its unet/ folder")
     parser.add_argument("--lora", required=True, action="append",
                         help="PATH[:STRENGTH]: trainer workdir/checkpoint folder, or a diffusers/kohya LoRA "
@@ -97,10 +100,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="output tensor dtype (default: that of the base)")
     parser.add_argument("--variant", default=None, help="base weights variant, e.g. fp16")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    console.add_verbosity_flag(parser)
     args = parser.parse_args(argv)
+    console.route_logs(args.verbosity, to_file=False)
     loras = [LoRASpec.parse(text, step=args.step, ema=args.ema) for text in args.lora]
-    out = fuse(args.base, loras, args.out, scale=args.scale, dtype=args.dtype, variant=args.variant,
-               overwrite=args.overwrite, lora_settings_from=args.lora_settings_from)
+    try:
+        out = fuse(args.base, loras, args.out, scale=args.scale, dtype=args.dtype, variant=args.variant,
+                   overwrite=args.overwrite, lora_settings_from=args.lora_settings_from)
+    except LoRAFormatError as e:  # a LoRA does not fit this base: the message names the file and keys
+        raise cli.UserError(f"--lora {e}") from e
     print(f"wrote {out}")
 
 

@@ -17,8 +17,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from tdd_jax.cli import UserError
 from tdd_jax.models import lora_formats
 
 # The metadata that says how a LoRA was trained and that sampling needs (None where a LoRA does not record it):
@@ -67,6 +68,10 @@ def header_metadata(meta: Mapping, extra: Mapping[str, str] = ()) -> dict[str, s
     return out
 
 
+class LoRAFileError(UserError, ValueError):
+    """A LoRA path that does not exist, or a file that is not a readable .safetensors file."""
+
+
 def _decode(header: Mapping[str, str]) -> dict[str, Any]:
     """``header_metadata`` reversed: JSON values decoded, other strings kept as they are."""
     out = {}
@@ -82,18 +87,21 @@ def read_header(path: str | Path) -> dict[str, Any]:
     """The metadata of a LoRA file's safetensors header, JSON values decoded (no tensors are read)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA file not found: {path}")
-    with safe_open(str(path), framework="numpy") as f:
-        return _decode(f.metadata() or {})
+        raise LoRAFileError(f"LoRA file not found: {path}")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return _decode(f.metadata() or {})
+    except SafetensorError as e:  # not safetensors, or cut short: its header does not cover the file
+        raise LoRAFileError(f"LoRA file {path} is not a readable .safetensors file ({e})") from None
 
 
 def is_file(path: str | Path) -> bool:
-    """A LoRA file (else: a trainer workdir / checkpoint folder); FileNotFoundError when it is neither."""
+    """A LoRA file (else: a trainer workdir / checkpoint folder); ``LoRAFileError`` when it is neither."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"LoRA {path} does not exist")
+        raise LoRAFileError(f"LoRA {path} does not exist")
     if not (path.is_file() or path.is_dir()):
-        raise FileNotFoundError(f"LoRA {path} is neither a .safetensors file nor a trainer checkpoint folder")
+        raise LoRAFileError(f"LoRA {path} is neither a .safetensors file nor a trainer checkpoint folder")
     return path.is_file()
 
 
@@ -119,6 +127,7 @@ def read_lora(path: str | Path, shapes: Mapping[str, Mapping[str, tuple[int, ...
     workdir / checkpoint folder (its UNet LoRA, online or EMA, at ``step`` or the latest).
     """
     if is_file(path):
+        read_header(path)  # a file that is not safetensors is named here, not deep in the reader
         loras, header = lora_formats.read_lora_file(path, shapes)
         return loras, _decode(header)
     from tdd_jax.training.checkpointing import checkpoint_lora  # orbax: only for trainer checkpoints

@@ -64,16 +64,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from PIL import Image
-from tqdm import tqdm
 
-from tdd_jax import control, lora_source
+from tdd_jax import cli, console, control, lora_source
 from tdd_jax.atomic import atomic_file
 from tdd_jax.diffusion.sampler import SamplerSettings
 from tdd_jax.image_grid import to_grid
 from tdd_jax.models.layers import ModelOptions
 from tdd_jax.pipeline import MAX_SEED, ImageGeometry, TDDPipeline, check_pipeline_dir
 from tdd_jax.training import sharding
-from tdd_jax.training.checkpointing import CheckpointError
 
 METADATA = "metadata.jsonl"
 CONTACT_SHEET = "contact_sheet.png"
@@ -506,7 +504,7 @@ def _render_todo(job: SampleJob, plan: Plan, pipe: TDDPipeline, log: MetadataLog
     first_done = first_count = None
     control_kwargs = _control_kwargs(job, len(plan.settings.timesteps()))
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="png-writer") as writer, \
-            tqdm(total=len(plan.todo), unit="img", desc="sampling") as bar:
+            console.progress(len(plan.todo), "sampling", "img") as bar:
         pending = collections.deque()
         for begin in range(0, len(plan.todo), job.batch_size):
             batch = plan.todo[begin:begin + job.batch_size]
@@ -569,7 +567,7 @@ def render(job: SampleJob, plan: Plan, pipe: TDDPipeline | None) -> Path | None:
     return sheet
 
 
-class JobError(Exception):
+class JobError(cli.UserError):
     """A problem with the job's inputs, found before anything was written."""
 
 
@@ -580,7 +578,7 @@ def run(job: SampleJob) -> Path | None:
     try:
         plan = prepare(job)
         pipe = load_pipeline(job) if plan.todo else None
-    except (FileNotFoundError, ValueError, CheckpointError) as e:  # ValueError includes bad weights and LoRAs
+    except (FileNotFoundError, ValueError, cli.UserError) as e:  # ValueError includes bad weights and LoRAs
         raise JobError(str(e)) from e
     settings = ", ".join(f"{name}={getattr(plan.settings, name)} from {plan.sources[name]}"
                          for name in FROM_LORA if name in plan.sources)
@@ -639,7 +637,7 @@ def job_from_flags(values: flags.FlagValues) -> SampleJob:
             try:
                 value = kind(value)
             except ValueError:
-                raise app.UsageError(f"--{name}={value!r} is neither a number nor '{AUTO}'") from None
+                raise cli.UserError(f"--{name}={value!r} is neither a number nor '{AUTO}'") from None
         settings[field.name] = value
     job = {field.name: values[name].value for name, field, _ in _flag_fields(SampleJob)}
     job.update({name: tuple(value or ()) for name, value in job.items()
@@ -650,14 +648,12 @@ def job_from_flags(values: flags.FlagValues) -> SampleJob:
 define_flags()
 
 
+@cli.guarded
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    job = job_from_flags(flags.FLAGS)
-    try:
-        sheet = run(job)
-    except JobError as e:
-        raise app.UsageError(str(e)) from e
+        raise cli.UserError(f"unexpected arguments {argv[1:]}: every setting is a --flag")
+    console.route_logs(console.absl_verbosity(), to_file=False)
+    sheet = run(job_from_flags(flags.FLAGS))
     if sheet is not None:
         print(f"contact sheet: {sheet}", flush=True)
 

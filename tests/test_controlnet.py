@@ -275,7 +275,7 @@ def test_sample_cli_with_controlnets(tiny_pipeline_dir, controlnet_dirs, tmp_pat
     from absl import flags
 
     from tdd_jax import sample
-    from tdd_jax.sample import METADATA, JobError, SampleJob, run
+    from tdd_jax.sample import METADATA, JobError, run
 
     pil, array = control_images()
     pil.save(tmp_path / "a.png")

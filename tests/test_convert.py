@@ -358,12 +358,13 @@ def test_errors_name_keys_and_write_nothing(tmp_path, base_unet, base_weights, t
         assert not out.parent.exists() or not any(out.parent.iterdir()), "no output or temporary left behind"
 
 
-def test_existing_outputs_are_kept(checkpoint, tmp_path):
+def test_existing_outputs_are_kept(checkpoint, tmp_path, capsys):
     target = tmp_path / "tdd.safetensors"
     target.write_bytes(b"keep")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(SystemExit) as exit_:
         export_lora.main(["--checkpoint", str(checkpoint), "--kohya", str(tmp_path / "new.safetensors"),
                           "--diffusers", str(target)])
+    assert exit_.value.code == 2 and f"error: {target} exists; pass --overwrite" in capsys.readouterr().err
     assert target.read_bytes() == b"keep" and sorted(p.name for p in tmp_path.iterdir()) == ["tdd.safetensors"]
 
 

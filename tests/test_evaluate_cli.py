@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from tdd_jax import evaluate
+from tdd_jax.cli import UserError
 from tdd_jax.data import emoji
 from tdd_jax.data.emoji import build_emoji_dataset, load_emoji
 from tdd_jax.evaluation import metrics
@@ -83,10 +84,10 @@ def test_emoji_reference_and_pytorch_fid_npz_without_features(folders, tmp_path)
 
 
 def test_input_errors_name_the_problem(folders, tmp_path):
-    with pytest.raises(FileNotFoundError, match="metadata.jsonl"):
+    with pytest.raises(UserError, match="metadata.jsonl"):
         evaluate.read_samples(tmp_path)
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(UserError, match="neither"):
         evaluate.evaluate_folders([folders["clean"]], str(tmp_path / "nothing"))
     other = write_samples(tmp_path / "other", folders["images"][:2], ["grinning face", "red apple"], "cccc")
-    with pytest.raises(ValueError, match="no sample for"):
+    with pytest.raises(UserError, match="no sample for"):
         evaluate.teacher_images(other, evaluate.read_samples(folders["clean"])[1])

@@ -9,7 +9,6 @@ import re
 import jax
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 from safetensors.numpy import save_file
 

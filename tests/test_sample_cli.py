@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from absl import app, flags
+from absl import flags
 from PIL import Image
 from safetensors.numpy import save_file
 
@@ -136,15 +136,17 @@ def test_input_errors_leave_nothing_behind(tiny_pipeline_dir, prompt_file, tmp_p
         assert not out.exists(), overrides
 
 
-def test_command_line_reports_input_errors(tiny_pipeline_dir, tmp_path):
+def test_command_line_reports_input_errors(tiny_pipeline_dir, tmp_path, capsys):
     argv = ["sample", f"--pipeline={tiny_pipeline_dir}", f"--prompts={tmp_path / 'missing.txt'}",
             f"--out={tmp_path / 'out'}"]
     flags.FLAGS(argv)
     try:
-        with pytest.raises(app.UsageError, match="missing.txt does not exist"):
+        with pytest.raises(SystemExit) as exit_:
             sample.main(argv[:1])
     finally:
         flags.FLAGS.unparse_flags()
+    assert exit_.value.code == 2 and capsys.readouterr().err == f"error: prompt file {tmp_path / 'missing.txt'} " \
+        "does not exist\n"
     assert not (tmp_path / "out").exists()
 
 

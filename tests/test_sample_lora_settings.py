@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from absl import app, flags
+from absl import flags
 from diffusers import TCDScheduler
 from flax import nnx
 from PIL import Image
@@ -19,6 +19,7 @@ from PIL import Image
 from configs import tdd_tiny
 from convert import export_lora
 from tdd_jax import lora_source, sample
+from tdd_jax.cli import UserError
 from tdd_jax.diffusion.sampler import SamplerSettings
 from tdd_jax.models import lora_formats
 from tdd_jax.models.loading import read_config
@@ -129,7 +130,7 @@ def test_flags_are_the_settings_fields():
                                                             k_max=7),
                                    from_lora=frozenset({"w_prime"}))
         values(["sample", "--grid_steps=many"])
-        with pytest.raises(app.UsageError, match="--grid_steps='many' is neither a number nor 'auto'"):
+        with pytest.raises(UserError, match="--grid_steps='many' is neither a number nor 'auto'"):
             sample.job_from_flags(values)
     finally:
         values.unparse_flags()

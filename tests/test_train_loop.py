@@ -56,10 +56,11 @@ def environment(setup, devices: int) -> dict:
 
 
 def run(setup, workdir, *extra, timeout=900) -> str:
+    """The run's console output followed by its log file."""
     proc = subprocess.run(command(setup, workdir, *extra), cwd=REPO, env=environment(setup, 8),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    return proc.stderr
+    return proc.stdout + proc.stderr + (Path(workdir) / "train.log").read_text()
 
 
 def losses(workdir) -> dict[int, float]:
@@ -108,13 +109,15 @@ def test_sigterm_saves_and_resume_is_bit_identical(setup, reference):
         proc = subprocess.Popen(command(setup, workdir), cwd=REPO, env=environment(setup, 8), stdout=log,
                                 stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 900
-        while "step 2:" not in log_path.read_text():
+        train_log = workdir / "train.log"
+        while not train_log.exists() or "step 2:" not in train_log.read_text():
             assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-5000:]
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=300) == 0, log_path.read_text()[-5000:]
     text = log_path.read_text()
-    assert "SIGTERM" in text and "checkpoint saved" in text
+    assert "SIGTERM" in text and "checkpoint saved" in text  # warnings: on the console
+    assert "stopped on request at step" in text  # the closing summary
     stopped = max(int(p.name) for p in (workdir / "checkpoints").iterdir())
     assert 2 <= stopped < STEPS, stopped
     assert f"Stopped at step {stopped}" in text
@@ -161,7 +164,8 @@ def test_two_processes_match_one_on_different_images(setup, reference):
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-5000:]
-    assert "over 8 devices in 2 processes" in outputs[0]
+    assert "over 8 devices in 2 processes" in (workdir / "train.log").read_text()
+    assert (workdir / "train.1.log").is_file()
     expected, got = losses(one), losses(workdir)
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)], rtol=1e-5)

@@ -96,6 +96,8 @@ class SamplerSettings:
         """Raise ValueError naming the offending field; returns self for chaining."""
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"sampler field gamma={self.gamma} must be in [0, 1]")
+        if not self.guidance_scale >= 1.0:  # < 1 weakens the prompt, < 0 pushes away from it (NaN: refused too)
+            raise ValueError(f"sampler field guidance_scale={self.guidance_scale} must be >= 1 (1 = no CFG)")
         if self.w_prime is not None and self.w_prime < 0:
             raise ValueError(f"sampler field w_prime={self.w_prime} must be >= 0 (or None)")
         if self.clip_steps < 0:

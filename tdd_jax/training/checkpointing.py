@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from tdd_jax.cli import UserError
 from tdd_jax.models import lora_formats
 from tdd_jax.models.lora import LoRAConfig
 
@@ -33,8 +34,9 @@ STATE, DATA, META = "state", "data", "meta"
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint exists but cannot be used; never answered by silently starting from scratch."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint exists but cannot be used (or none is where one was asked for); never answered by silently
+    starting from scratch."""
 
 
 class NonFiniteError(FloatingPointError):
