@@ -19,7 +19,9 @@ from tdd_jax.models.unet import UNet2DConditionModel
 from tdd_jax.models.vae import AutoencoderKL
 from tdd_jax.pretrain import loop
 from tdd_jax.pretrain.architecture import text_encoder_configs
+from tdd_jax.models.controlnet import ControlNetModel, controlnet_config
 from tdd_jax.pretrain.assemble import SCHEDULER_CONFIG, assemble, save_component
+from tdd_jax.pretrain.controlnet import controlnet_loss
 from tdd_jax.pretrain.teacher import embed_captions, frozen_text_encoders, min_snr_weight, teacher_loss
 from tdd_jax.pretrain.tokenizer import caption_words, learn_merges, write_clip_tokenizer
 from tdd_jax.pretrain.vae import vae_loss
@@ -119,6 +121,30 @@ def test_teacher_steps_reduce_loss():
     schedule = NoiseSchedule.from_config(SCHEDULER_CONFIG)
     _loss_drops(model, lambda m, b, k: teacher_loss(m, b, k, schedule, 1.0, caption_dropout=0.5,
                                                       min_snr_gamma=5.0), batch, lr=3e-3)
+
+
+def test_controlnet_steps_reduce_loss():
+    """The ControlNet stage's loss: from ``from_unet`` (zero convolutions) it is exactly the frozen UNet's teacher
+    loss, and a few steps on the ControlNet alone lower it."""
+    config = {**tiny_unet_config(), **ONE_LEVEL, "down_block_types": ["CrossAttnDownBlock2D"],
+              "up_block_types": ["CrossAttnUpBlock2D"], "transformer_layers_per_block": 1, "attention_head_dim": 2}
+    unet = _random_model(UNet2DConditionModel, config)
+    net = ControlNetModel.from_unet(unet, controlnet_config(config, conditioning_embedding_out_channels=(8, 16)),
+                                    rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    mean, logvar = rng.standard_normal((2, 8, 8, 4)), np.full((2, 8, 8, 4), -4.0)
+    unet_graphdef, unet_params = nnx.split(unet)
+    batch = {"moments": jnp.asarray(np.stack([mean, logvar], axis=1), jnp.float32),
+             "prompt_embeds": jnp.asarray(rng.standard_normal((2, 77, config["cross_attention_dim"])), jnp.float32),
+             "pooled": jnp.asarray(rng.standard_normal((2, 32)), jnp.float32),
+             "time_ids": jnp.asarray(np.tile(time_ids((16, 16)), (2, 1))),
+             "control": jnp.asarray(rng.uniform(0, 1, (2, 16, 16, 3)), jnp.float32), "unet": unet_params}
+    schedule = NoiseSchedule.from_config(SCHEDULER_CONFIG)
+    args = (schedule, 1.0, 0.5, 5.0)
+    plain, _ = teacher_loss(unet, batch, jax.random.key(0), *args)
+    controlled, _ = controlnet_loss(net, batch, jax.random.key(0), unet_graphdef, *args)
+    np.testing.assert_allclose(float(controlled), float(plain), rtol=1e-6)
+    _loss_drops(net, lambda m, b, k: controlnet_loss(m, b, k, unet_graphdef, *args), batch, lr=3e-3)
 
 
 def test_min_snr_weights_match_diffusers_training_scripts():
