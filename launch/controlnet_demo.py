@@ -12,8 +12,9 @@ ControlNet was trained beside). Deterministic samplers (γ = 0) on the student's
 ``student_vs_base.py``. Prints, per row, how well the samples follow the control edges: the mean edge F1
 (``edges.edge_f1``, one-pixel tolerance) of each sample's own edge map against its control map, with the
 ControlNet and, from the same noises and the same compiled sampler, without it (conditioning scale 0).
-``--style_lora`` adds a row: the student with a second LoRA stacked on it. ``--out`` writes a grid of the first
-``--show`` names (seed 0): control map | one column per row.
+``--style_lora`` adds a row: the student with a second LoRA stacked on it (``tdd_jax.pretrain.style_lora``'s sepia
+LoRA: each row also prints its samples' ``sepia_distance``, 0 for a sepia image). ``--out`` writes a grid of the
+first ``--show`` names (seed 0): control map | one column per row.
 """
 
 import argparse
@@ -26,6 +27,7 @@ from tdd_jax.lora_source import LoRASpec
 from tdd_jax.pipeline import TDDPipeline
 from tdd_jax.pretrain.contact_sheet import PROMPTS, training_images
 from tdd_jax.pretrain.edges import control_images, edge_f1, edge_map
+from tdd_jax.pretrain.style_lora import sepia_distance
 
 
 def main() -> None:
@@ -74,8 +76,8 @@ def main() -> None:
         images[name] = render(pipe, steps, cfg, args.controlnet_scale)
         without = render(pipe, steps, cfg, 0.0)
         f1, f1_without = (float(edge_f1(edge_map(x), controls).mean()) for x in (images[name], without))
-        print(f"{name} + ControlNet: edge F1 {f1:.3f} (without the ControlNet {f1_without:.3f}), "
-              f"{len(prompts)} samples", flush=True)
+        print(f"{name} + ControlNet: edge F1 {f1:.3f} (without the ControlNet {f1_without:.3f}); sepia distance "
+              f"{sepia_distance(images[name]):.4f}; {len(prompts)} samples", flush=True)
     if args.out:
         first = np.arange(min(args.show, len(PROMPTS))) * args.seeds  # seed 0 of each name
         maps = (control_images(controls[first]) * 255).astype(np.uint8)

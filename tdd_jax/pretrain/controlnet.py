@@ -24,18 +24,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tdd_jax.conditioning import encode_prompts, load_tokenizers, time_ids, tokenize
 from tdd_jax.data.emoji import load_emoji
 from tdd_jax.diffusion.schedule import NoiseSchedule
 from tdd_jax.models.components import load_components
 from tdd_jax.models.controlnet import ControlNetModel, controlnet_config
 from tdd_jax.models.loading import read_config
 from tdd_jax.pretrain import loop
+from tdd_jax.pretrain.addon_data import caption_examples
 from tdd_jax.pretrain.architecture import IMAGE_SIZE
 from tdd_jax.pretrain.assemble import save_component
 from tdd_jax.pretrain.edges import THRESHOLD, control_images, edge_map
 from tdd_jax.pretrain.teacher import TEACHER_GROUPS, teacher_loss
-from tdd_jax.pretrain.vae import latent_moments
 
 STAGE = "controlnet"
 RECIPE_FILE = "recipe.json"
@@ -96,16 +95,10 @@ def train_controlnet(pipeline_dir: str | Path, data_dir: str | Path, work_dir: s
     models = load_components(pipeline_dir)
     data = load_emoji(str(data_dir), "train", IMAGE_SIZE, groups)
     edges = edge_map(data["images"], threshold)
-    tokenizers = load_tokenizers(pipeline_dir)
-    captions = [str(c) for c in data["captions"]]
-    ids, ids_2 = (tokenize(tok, captions) for tok in tokenizers)
-    encode = jax.jit(lambda a, b: encode_prompts(models["text_encoder"], models["text_encoder_2"], a, b))
-    prompt_embeds, pooled = loop.map_batches(lambda x: encode(x[:, 0], x[:, 1]), np.stack([ids, ids_2], 1))
-    vae = models["vae"]
-    examples = {"moments": latent_moments(vae, data["images"]), "prompt_embeds": prompt_embeds, "pooled": pooled,
-                "control": control_images(edges),
-                "time_ids": np.broadcast_to(time_ids((IMAGE_SIZE, IMAGE_SIZE)), (len(captions), 6))}
-    print(f"[{STAGE}] {len(captions)} emoji embedded, encoded and edge-mapped (edge density {edges.mean():.3f}) in "
+    examples = caption_examples(pipeline_dir, models, data["images"], data["captions"])
+    examples["control"] = control_images(edges)
+    n, vae = len(edges), models["vae"]
+    print(f"[{STAGE}] {n} emoji embedded, encoded and edge-mapped (edge density {edges.mean():.3f}) in "
           f"{time.time() - started:.0f} s", flush=True)
 
     config = controlnet_config(read_config(pipeline_dir / "unet"),
@@ -122,7 +115,7 @@ def train_controlnet(pipeline_dir: str | Path, data_dir: str | Path, work_dir: s
         ema_decay=ema_decay)
 
     def step_fn(state, step):
-        idx = loop.epoch_batch(seed, step, len(captions), batch_size)
+        idx = loop.epoch_batch(seed, step, n, batch_size)
         batch = {k: v[idx] for k, v in examples.items()} | {"unet": unet_params}
         return train_step(state, batch, loop.step_key(seed, step))
 
@@ -140,7 +133,7 @@ def train_controlnet(pipeline_dir: str | Path, data_dir: str | Path, work_dir: s
                                                        vae.scaling_factor, eval_seed)}
     out_dir = Path(out_dir)
     save_component(out_dir, "controlnet", trained, config)
-    record = {**settings, "train_images": len(captions), "edge_density": round(float(edges.mean()), 4),
+    record = {**settings, "train_images": n, "edge_density": round(float(edges.mean()), 4),
               "parameters": int(sum(x.size for x in jax.tree.leaves(params))), **metrics,
               "seconds": round(time.time() - started, 1)}
     loop.write_record(work_dir, STAGE, record)

@@ -1,6 +1,7 @@
-"""The edge maps of the tiny edge-map ControlNet and their F1 score on synthetic images; the ControlNet shipped in
-tdd_jax/assets/tiny_controlnet_edges: its recipe, diffusers loads it, and under it the shipped tiny SDXL's samples
-follow the control edges better than without it."""
+"""The add-ons shipped for the tiny SDXL. The edge-map ControlNet (tdd_jax/assets/tiny_controlnet_edges): its edge
+maps and their F1 score on synthetic images, its recipe, diffusers loads it, and under it the shipped tiny SDXL's
+samples follow the control edges better than without it. The sepia style LoRA (tdd_jax/assets/tiny_style_sepia):
+the sepia measure, diffusers loads it, and it makes samples sepia."""
 
 import json
 from pathlib import Path
@@ -11,10 +12,12 @@ from tdd_jax.diffusion.sampler import SamplerSettings
 from tdd_jax.pipeline import TDDPipeline
 from tdd_jax.pretrain.assemble import folder_mb
 from tdd_jax.pretrain.edges import control_images, edge_f1, edge_map
+from tdd_jax.pretrain.style_lora import sepia, sepia_distance
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE = REPO / "tdd_jax" / "assets" / "tiny_sdxl"
 SHIPPED = REPO / "tdd_jax" / "assets" / "tiny_controlnet_edges"
+STYLE = REPO / "tdd_jax" / "assets" / "tiny_style_sepia.safetensors"
 
 
 def _square(value, size: int = 16) -> np.ndarray:
@@ -82,3 +85,31 @@ def test_shipped_controlnet_makes_samples_follow_the_edges(tmp_path_factory):
     f1 = [float(edge_f1(edge_map(x), control).mean()) for x in (with_net, without)]
     print(f"edge F1 of 4-step samples with / without the shipped ControlNet: {f1[0]:.3f} / {f1[1]:.3f}")
     assert f1[0] > f1[1]
+
+
+def test_sepia_distance_tells_sepia_prints_apart():
+    rng = np.random.default_rng(0)
+    colourful = rng.integers(0, 256, (4, 16, 16, 3), np.uint8)
+    assert sepia_distance(colourful) > 0.1
+    assert sepia_distance(sepia(colourful)) < 0.005 and sepia_distance(sepia(colourful / 255.0)) < 0.005
+    grey = np.repeat(rng.uniform(0, 1, (4, 16, 16, 1)), 3, axis=-1)
+    assert 0.0 < sepia_distance(grey) < sepia_distance(colourful)  # grey is not sepia, but nearer than colour
+
+
+def test_shipped_style_lora_loads_in_diffusers_and_makes_samples_sepia():
+    from diffusers import StableDiffusionXLPipeline
+
+    recipe = json.loads(STYLE.with_suffix(".json").read_text())
+    assert recipe["style"] == "sepia" and recipe["pipeline"] == PIPELINE.name
+    ref = StableDiffusionXLPipeline.from_pretrained(PIPELINE, local_files_only=True)
+    ref.load_lora_weights(str(STYLE))
+    assert ref.get_list_adapters() == {"unet": ["default_0"]}
+    names = ["grinning face", "red heart", "frog", "rocket"]
+    settings = SamplerSettings(num_steps=4, gamma=0.0, guidance_scale=1.0)
+    pipe = TDDPipeline.from_pretrained(PIPELINE, lora=STYLE)
+    styled = pipe(names, settings, seeds=1, output_type="float")
+    pipe.set_lora_scale(0.0)  # the base weights, same compile
+    plain = pipe(names, settings, seeds=1, output_type="float")
+    distances = sepia_distance(styled), sepia_distance(plain)
+    print(f"sepia distance of 4-step samples with / without the style LoRA: {distances[0]:.4f} / {distances[1]:.4f}")
+    assert distances[0] < 0.5 * distances[1]
