@@ -83,7 +83,8 @@ def main() -> None:
         maps = (control_images(controls[first]) * 255).astype(np.uint8)
         cells = np.stack([maps, *(x[first] for x in images.values())], axis=1)
         labelled_grid(cells, [f"{PROMPTS[i // args.seeds]}" for i in first], per_row=2, zoom=1,
-                      column_labels=["edges", *(n.replace(" steps", "") for n in images)]).save(args.out, optimize=True)
+                      column_labels=["edges", *(n.replace(" steps", "").replace(" + ", "+") for n in images)]
+                      ).save(args.out, optimize=True)
         print(f"wrote {args.out}")
 
 

@@ -149,7 +149,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data_dir", required=True, help="the emoji dataset folder (built there if missing)")
     parser.add_argument("--work_dir", required=True, help="holds runs/controlnet/ (checkpoint, stage record)")
     parser.add_argument("--out", required=True, help="the ControlNet folder to write")
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--caption_dropout", type=float, default=0.5)
