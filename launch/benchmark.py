@@ -12,6 +12,9 @@
 (a') step_profile: where each train step's time goes, by part of the step and kind of op, from profiler traces
     of both steps (``launch/step_profile.py``).
 (a'') remat (not in the default parts; with train): our step under every rematerialisation policy, interleaved.
+(b') controlnet (not in the default parts): 4-step sampling (CFG 1 / 1.7) with one ControlNet (diffusers'
+    ControlNetModel.from_unet of the pipeline's UNet), our TDDPipeline(controlnets=) vs diffusers'
+    StableDiffusionXLControlNetPipeline + TCDScheduler, the same control image.
 (c) flops: XLA's FLOP count of our step and the FLOP/s it achieves vs a measured fp32 matmul peak.
 (d) profile: where the sampling time goes, each part timed alone against its diffusers counterpart (the text
     encoders, one UNet call at B and at 2B, the VAE decode, our jitted render, the whole call, our host
@@ -54,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--torch_compile", action="store_true", help="torch.compile the PyTorch UNets")
     p.add_argument("--parts", default="train,step_profile,sample,flops,profile",
-                   help="comma-separated; also 'remat' (with 'train')")
+                   help="comma-separated; also 'remat' (with 'train'), 'controlnet', 'unet'")
     p.add_argument("--steps", default="4,8", help="sampling step counts")
     p.add_argument("--lora_rank", type=int, default=64)
     p.add_argument("--unet_size", type=int, default=1024, help="image side of the 'unet' part (SDXL UNet) in pixels")
@@ -356,6 +359,63 @@ def bench_sample(args, results: dict) -> None:
                 results["sample"].append({"steps": steps, "guidance_scale": guidance, "lora": with_lora,
                                           "sides": times,
                                           "ratio": times["diffusers"]["median_s"] / times["tdd_jax"]["median_s"]})
+
+
+def controlnet_from_unet(args, folder: Path) -> Path:
+    """diffusers' ``ControlNetModel.from_unet`` of the pipeline's UNet (its encoder copied, zero convolutions),
+    with a conditioning embedding that downsamples control images as much as the VAE, saved into ``folder``."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(args.pipeline) / "unet")
+    levels = vae_factor(args).bit_length()  # 2 ** (levels - 1) = the VAE factor
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96, 256)[:levels])
+    net.save_pretrained(folder)
+    return folder
+
+
+def bench_controlnet(args, results: dict) -> None:
+    """4-step sampling with one ControlNet: our TDDPipeline(controlnets=) vs diffusers'
+    StableDiffusionXLControlNetPipeline + TCDScheduler, the same ControlNet and control image."""
+    import numpy as np
+    import torch
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline, TCDScheduler
+    from diffusers.utils import logging
+    from PIL import Image
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+    from tdd_jax.diffusion.sampler import SamplerSettings
+    from tdd_jax.pipeline import TDDPipeline
+
+    prompts = (PROMPTS * args.batch)[: args.batch]
+    folder = controlnet_from_unet(args, Path(tempfile.mkdtemp()) / "controlnet")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), np.uint8))
+    ours = TDDPipeline.from_pretrained(args.pipeline, controlnets=folder)
+    device = "cuda" if args.device == "gpu" else "cpu"
+    ref = StableDiffusionXLControlNetPipeline.from_pretrained(
+        args.pipeline, controlnet=ControlNetModel.from_pretrained(folder), add_watermarker=False).to(device)
+    ref.scheduler = TCDScheduler.from_config(ref.scheduler.config, original_inference_steps=250)
+    ref.set_progress_bar_config(disable=True)
+    if args.torch_compile:
+        ref.unet, ref.controlnet = torch.compile(ref.unet), torch.compile(ref.controlnet)
+    results["controlnet"] = []
+    steps = 4
+    for guidance in (1.0, 1.7):
+        settings = SamplerSettings(num_steps=steps, gamma=0.2, guidance_scale=guidance, final_step="tcd")
+
+        def run_ours(settings=settings):
+            ours(prompts, settings, seeds=list(range(len(prompts))), height=args.size, width=args.size,
+                 control_image=image)
+
+        def run_theirs(guidance=guidance):
+            ref(prompt=prompts, image=image, num_inference_steps=steps, guidance_scale=guidance, eta=0.2,
+                height=args.size, width=args.size, generator=torch.Generator(device).manual_seed(0),
+                output_type="np")
+
+        times = interleave({"tdd_jax": run_ours, "diffusers": run_theirs}, args.repeats)
+        results["controlnet"].append({"steps": steps, "guidance_scale": guidance, "sides": times,
+                                      "ratio": times["diffusers"]["median_s"] / times["tdd_jax"]["median_s"]})
 
 
 # --- (d) profile: where the sampling time goes ---------------------------------------------------------------
@@ -735,6 +795,9 @@ def table(results: dict) -> str:
         name = f"sample {r['steps']} steps, CFG {r['guidance_scale']}, {'LoRA' if r['lora'] else 'no LoRA'}"
         rows.append(f"| {name} (diffusers TCD) | {fmt(r['sides']['tdd_jax'])} | {fmt(r['sides']['diffusers'])} | "
                     f"{r['ratio']:.2f}x |")
+    for r in results.get("controlnet", []):
+        rows.append(f"| sample {r['steps']} steps, CFG {r['guidance_scale']}, one ControlNet (diffusers ControlNet "
+                    f"TCD) | {fmt(r['sides']['tdd_jax'])} | {fmt(r['sides']['diffusers'])} | {r['ratio']:.2f}x |")
     lines = ["\n".join(rows)]
     if "remat" in results:
         base = results["remat"]["none"]["median_s"]
@@ -783,6 +846,8 @@ def main(argv=None) -> dict:
         bench_train(args, results)
     if "sample" in parts:
         bench_sample(args, results)
+    if "controlnet" in parts:
+        bench_controlnet(args, results)
     if "profile" in parts:
         bench_profile(args, results)
     if "unet" in parts:

@@ -32,7 +32,7 @@ def test_quick_benchmark_runs_every_part(step_pipeline_dir, tmp_path, capsys):
     from launch import benchmark
 
     out = tmp_path / "bench.json"
-    parts = "train,step_profile,sample,flops,profile,remat"  # the default parts and the opt-in remat
+    parts = "train,step_profile,sample,flops,profile,remat,controlnet"  # the default parts, opt-in remat, controlnet
     results = benchmark.main(["--quick", "--parts", parts, "--pipeline", str(step_pipeline_dir), "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     train = results["train"]
@@ -48,6 +48,8 @@ def test_quick_benchmark_runs_every_part(step_pipeline_dir, tmp_path, capsys):
     grid = {(r["steps"], r["guidance_scale"], r["lora"]) for r in results["sample"]}
     assert grid == {(4, g, lora) for g in (1.0, 1.7) for lora in (False, True)}
     assert all(r["sides"]["diffusers"]["median_s"] > 0 and r["ratio"] > 0 for r in results["sample"])
+    assert [(r["steps"], r["guidance_scale"]) for r in results["controlnet"]] == [(4, 1.0), (4, 1.7)]
+    assert all(r["sides"]["diffusers"]["median_s"] > 0 and r["ratio"] > 0 for r in results["controlnet"])
     profile = results["profile"]
     parts = {r["part"]: r for r in profile["rows"]}
     assert all(r["sides"]["tdd_jax"]["median_s"] > 0 for r in profile["rows"] if "overhead" not in r["part"])
@@ -58,6 +60,7 @@ def test_quick_benchmark_runs_every_part(step_pipeline_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| train step (torch_eager) |" in out and "| student backward |" in out and "| op: NHWC input -> out channels |" in out
     assert "| our train step, remat policy | median [min-max] | none / policy |" in out
+    assert "| sample 4 steps, CFG 1.7, one ControlNet (diffusers ControlNet TCD) |" in out
 
 
 def test_quick_unet_part(step_pipeline_dir, capsys):
@@ -69,3 +72,4 @@ def test_quick_unet_part(step_pipeline_dir, capsys):
     assert set(row["sides"]) == {"tdd_jax", "diffusers"} and not row["errors"]
     assert all(t["median_s"] > 0 for t in row["sides"].values())
     assert "| UNet forward, bf16 | side | median [min-max] | diffusers / side |" in capsys.readouterr().out
+

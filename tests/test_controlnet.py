@@ -20,7 +20,10 @@ from test_unet import jax_args, sdxl_inputs
 from tiny_pipeline import assert_parity, randomize_norms, tiny_unet_config
 
 from tdd_jax.diffusion.sampler import SamplerSettings
+from tdd_jax.models import controlnet as controlnet_lib
 from tdd_jax.models.controlnet import ControlNetModel
+from tdd_jax.models.layers import state_key
+from tdd_jax.models.loading import read_config
 from tdd_jax.models.unet import SDXL_UNET_CONFIG, UNet2DConditionModel
 from tdd_jax.pipeline import TDDPipeline
 
@@ -156,6 +159,36 @@ def test_unet_with_residuals_matches_diffusers(tiny_pipeline_dir):
     with pytest.raises(ValueError, match="has 5 entries for the UNet's 6 skip connections"):
         unet(*jax_args(inputs), down_block_additional_residuals=[nhwc(d) for d in down[:5]],
              mid_block_additional_residual=nhwc(mid))
+
+
+def test_from_unet_matches_diffusers(tiny_pipeline_dir, tmp_path):
+    """ControlNetModel.from_unet = diffusers' ControlNetModel.from_unet: the same config.json fields, the UNet's
+    encoder weights, zero convolutions; only the conditioning embedding's other convolutions are random. The
+    result saved as a component folder loads in diffusers."""
+    from tdd_jax.pretrain.assemble import save_component
+
+    torch_unet = TorchUNet.from_pretrained(tiny_pipeline_dir / "unet")
+    theirs = TorchControlNet.from_unet(torch_unet, conditioning_embedding_out_channels=(8, 16))
+    config = controlnet_lib.controlnet_config(read_config(tiny_pipeline_dir / "unet"),
+                                              conditioning_embedding_out_channels=(8, 16))
+    as_json = lambda c: json.loads(json.dumps(dict(c)))  # noqa: E731
+    assert as_json({k: theirs.config[k] for k in config}) == as_json(config)
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet")
+    ours = ControlNetModel.from_unet(unet, config, rngs=nnx.Rngs(0))
+    weights = {state_key(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
+    expected = {k: v.numpy() for k, v in theirs.state_dict().items()}
+    assert set(weights) == set(expected)
+    random = [k for k in expected if k.startswith("controlnet_cond_embedding.")
+              and not k.startswith("controlnet_cond_embedding.conv_out")]
+    assert random and not any(k.startswith("controlnet_cond_embedding.conv_out") for k in random)
+    for key in sorted(set(expected) - set(random)):
+        np.testing.assert_array_equal(weights[key], expected[key], err_msg=key)
+    assert not np.any(weights["controlnet_mid_block.weight"]) and np.any(weights["mid_block.resnets.0.conv1.weight"])
+    save_component(tmp_path, "controlnet", ours, config)
+    loaded = TorchControlNet.from_pretrained(tmp_path)
+    assert all(np.array_equal(v.numpy(), weights[k].astype(np.float16)) for k, v in loaded.state_dict().items())
+    with pytest.raises(ValueError, match=r"not ControlNet config fields: \['block_out_channels'\]"):
+        controlnet_lib.controlnet_config(read_config(tiny_pipeline_dir / "unet"), block_out_channels=(8,))
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -35,17 +35,18 @@ def init_images():
     return np.repeat(np.repeat(coarse, SIZE // 4, axis=1), SIZE // 4, axis=2).astype(np.float32)
 
 
-def _noise(seed):
-    """diffusers' img2img noise: the first draw from a generator seeded with ``seed`` (NCHW)."""
-    return torch.randn(1, 4, *LATENT[:2], generator=torch.Generator().manual_seed(seed))
+def _noises() -> np.ndarray:
+    """diffusers' img2img noise per row, NHWC: the first draw from a generator seeded with the row's seed."""
+    draws = [torch.randn(1, 4, *LATENT[:2], generator=torch.Generator().manual_seed(s)) for s in SEEDS]
+    return torch.cat(draws).numpy().transpose(0, 2, 3, 1)
 
 
-def _diffusers_img2img(pipeline_dir, init_images):
-    """diffusers' images, one call per row, with the VAE posterior draw replaced by ours (so both encode the
-    same sample of the same distribution) and the noise from a seeded generator."""
-    from diffusers import StableDiffusionXLImg2ImgPipeline, TCDScheduler
+def _diffusers_img2img(ref, init_images, **kwargs) -> np.ndarray:
+    """The images of diffusers' img2img pipeline ``ref`` (TCD scheduler set here), one call per row (``kwargs``
+    entries that are lists give one value per row), with the VAE posterior draw replaced by ours (so both encode
+    the same sample of the same distribution) and the noise from a seeded generator."""
+    from diffusers import TCDScheduler
 
-    ref = StableDiffusionXLImg2ImgPipeline.from_pretrained(pipeline_dir, add_watermarker=False)
     ref.scheduler = TCDScheduler.from_config(ref.scheduler.config, original_inference_steps=250)
     ref.set_progress_bar_config(disable=True)
     assert not ref.config.requires_aesthetics_score  # time ids (H, W, 0, 0, H, W) as ours
@@ -63,17 +64,21 @@ def _diffusers_img2img(pipeline_dir, init_images):
 
         ref.vae.encode = encode_with_our_draw
         image = torch.from_numpy(init_images[i:i + 1].transpose(0, 3, 1, 2).copy())
+        row = {k: v[i] if isinstance(v, list) else v for k, v in kwargs.items()}
         out = ref(prompt=prompt, negative_prompt=negative, image=image, strength=IMG2IMG.strength,
                   num_inference_steps=IMG2IMG.num_steps, guidance_scale=IMG2IMG.guidance_scale, eta=IMG2IMG.gamma,
-                  generator=torch.Generator().manual_seed(SEEDS[i]), output_type="np")
+                  generator=torch.Generator().manual_seed(SEEDS[i]), output_type="np", **row)
         images.append(out.images[0])
     ref.vae.encode = encode
-    return np.stack(images), ref
+    return np.stack(images)
 
 
 def test_img2img_matches_diffusers(pipe, tiny_pipeline_dir, init_images):
-    expected, ref = _diffusers_img2img(tiny_pipeline_dir, init_images)
-    noise = np.concatenate([_noise(s).numpy() for s in SEEDS]).transpose(0, 2, 3, 1)
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    ref = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_pipeline_dir, add_watermarker=False)
+    expected = _diffusers_img2img(ref, init_images)
+    noise = _noises()
     ours = pipe(PROMPTS, IMG2IMG, seeds=SEEDS, negative_prompts=NEGATIVES, init_images=init_images, latents=noise,
                 output_type="float")
     err = float(np.abs(ours - expected).max())
@@ -115,3 +120,33 @@ def test_input_errors(pipe, init_images):
         pipe(PROMPTS, IMG2IMG, init_images=init_images, width=24, height=16)
     with pytest.raises(ValueError, match=r"init_images have shape \(3, 16, 16, 3\)"):
         pipe(PROMPTS, IMG2IMG, init_images=np.concatenate([init_images, init_images[:1]]))
+
+
+def test_img2img_with_controlnet_matches_diffusers(tiny_pipeline_dir, init_images, tmp_path):
+    """img2img under a ControlNet = diffusers' StableDiffusionXLControlNetImg2ImgPipeline + TCD: its guidance window
+    spans the steps that run (strength 0.5 of 4: 2 steps; the window (0, 0.5) keeps the first only, where over all 4
+    steps it would keep both), per-prompt control images (a PIL image, a float array: both resize paths)."""
+    from diffusers import ControlNetModel as TorchControlNet
+    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
+    from test_controlnet import TINY, control_images, random_controlnet
+
+    random_controlnet(TINY, seed=12).save_pretrained(tmp_path / "controlnet")
+    pil, array = control_images()
+    window = dict(controlnet_conditioning_scale=0.8, control_guidance_start=0.0, control_guidance_end=0.5)
+    ref = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
+        tiny_pipeline_dir, controlnet=TorchControlNet.from_pretrained(tmp_path / "controlnet").eval(),
+        add_watermarker=False)
+    # diffusers reads a bare (H, W, 3) array as a batch of H images: it takes an array image as a batch of one. Its
+    # output size is the control image's unless height and width are given.
+    expected = _diffusers_img2img(ref, init_images, control_image=[pil, array[None]], height=SIZE, width=SIZE,
+                                  **window)
+
+    pipe = TDDPipeline.from_pretrained(tiny_pipeline_dir, controlnets=tmp_path / "controlnet")
+    kwargs = dict(seeds=SEEDS, negative_prompts=NEGATIVES, init_images=init_images, latents=_noises(),
+                  output_type="float", control_image=[pil, array])
+    ours = pipe(PROMPTS, IMG2IMG, **kwargs, **window)
+    err = float(np.abs(ours - expected).max())
+    print(f"img2img + ControlNet vs diffusers SDXL ControlNet img2img + TCD: max |image diff| = {err:.2e}")
+    assert err <= 1e-4
+    whole_window = pipe(PROMPTS, IMG2IMG, **kwargs, **{**window, "control_guidance_end": 1.0})
+    assert np.abs(whole_window - ours).max() > 20 * 1e-4  # the window's second step matters

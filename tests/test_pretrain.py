@@ -19,7 +19,11 @@ from tdd_jax.models.unet import UNet2DConditionModel
 from tdd_jax.models.vae import AutoencoderKL
 from tdd_jax.pretrain import loop
 from tdd_jax.pretrain.architecture import text_encoder_configs
+from tdd_jax.models import lora as lora_lib
+from tdd_jax.models.controlnet import ControlNetModel, controlnet_config
 from tdd_jax.pretrain.assemble import SCHEDULER_CONFIG, assemble, save_component
+from tdd_jax.pretrain.controlnet import controlnet_loss
+from tdd_jax.pretrain.style_lora import LoRAFactors, style_loss
 from tdd_jax.pretrain.teacher import embed_captions, frozen_text_encoders, min_snr_weight, teacher_loss
 from tdd_jax.pretrain.tokenizer import caption_words, learn_merges, write_clip_tokenizer
 from tdd_jax.pretrain.vae import vae_loss
@@ -106,19 +110,53 @@ def test_vae_steps_reduce_loss():
     _loss_drops(model, lambda m, x, k: vae_loss(m, x, k, kl_weight=1e-6), images, lr=3e-4)
 
 
-def test_teacher_steps_reduce_loss():
+def _one_level_unet_batch(**extra):
+    """A random one-level UNet and a teacher-loss batch of two 8x8 latents for it (plus ``extra`` entries)."""
     config = {**tiny_unet_config(), **ONE_LEVEL, "down_block_types": ["CrossAttnDownBlock2D"],
               "up_block_types": ["CrossAttnUpBlock2D"], "transformer_layers_per_block": 1, "attention_head_dim": 2}
-    model = _random_model(UNet2DConditionModel, config)
     rng = np.random.default_rng(0)
     mean, logvar = rng.standard_normal((2, 8, 8, 4)), np.full((2, 8, 8, 4), -4.0)
     batch = {"moments": jnp.asarray(np.stack([mean, logvar], axis=1), jnp.float32),
              "prompt_embeds": jnp.asarray(rng.standard_normal((2, 77, config["cross_attention_dim"])), jnp.float32),
              "pooled": jnp.asarray(rng.standard_normal((2, 32)), jnp.float32),
-             "time_ids": jnp.asarray(np.tile(time_ids((16, 16)), (2, 1)))}
-    schedule = NoiseSchedule.from_config(SCHEDULER_CONFIG)
-    _loss_drops(model, lambda m, b, k: teacher_loss(m, b, k, schedule, 1.0, caption_dropout=0.5,
-                                                      min_snr_gamma=5.0), batch, lr=3e-3)
+             "time_ids": jnp.asarray(np.tile(time_ids((16, 16)), (2, 1))), **extra}
+    return config, _random_model(UNet2DConditionModel, config), batch
+
+
+TEACHER_LOSS_ARGS = (NoiseSchedule.from_config(SCHEDULER_CONFIG), 1.0, 0.5, 5.0)  # scaling, dropout, Min-SNR γ
+
+
+def test_teacher_steps_reduce_loss():
+    _, model, batch = _one_level_unet_batch()
+    _loss_drops(model, lambda m, b, k: teacher_loss(m, b, k, *TEACHER_LOSS_ARGS), batch, lr=3e-3)
+
+
+def _adapter_trains_beside_the_unet(adapter, adapter_loss, unet, batch):
+    """An add-on stage's loss (``adapter_loss(adapter, batch, key, unet_graphdef, ...)``, the UNet's weights in
+    ``batch['unet']``) starts at exactly the frozen UNet's teacher loss, and a few steps on the adapter lower it."""
+    unet_graphdef, batch["unet"] = nnx.split(unet)
+    plain, _ = teacher_loss(unet, batch, jax.random.key(0), *TEACHER_LOSS_ARGS)
+    start, _ = adapter_loss(adapter, batch, jax.random.key(0), unet_graphdef, *TEACHER_LOSS_ARGS)
+    np.testing.assert_allclose(float(start), float(plain), rtol=1e-6)
+    _loss_drops(adapter, lambda m, b, k: adapter_loss(m, b, k, unet_graphdef, *TEACHER_LOSS_ARGS), batch, lr=3e-3)
+
+
+def test_controlnet_steps_reduce_loss():
+    """The ControlNet stage: from ``from_unet`` (zero convolutions) the controlled UNet is the plain one."""
+    control = np.random.default_rng(2).uniform(0, 1, (2, 16, 16, 3))
+    config, unet, batch = _one_level_unet_batch(control=jnp.asarray(control, jnp.float32))
+    net = ControlNetModel.from_unet(unet, controlnet_config(config, conditioning_embedding_out_channels=(8, 16)),
+                                    rngs=nnx.Rngs(0))
+    _adapter_trains_beside_the_unet(net, controlnet_loss, unet, batch)
+
+
+def test_style_lora_steps_reduce_loss():
+    """The style LoRA stage: a fresh LoRA (B = 0) merged into the UNet leaves it as it is."""
+    _, unet, batch = _one_level_unet_batch()
+    lora_lib.attach_lora(unet, lora_lib.LoRAConfig(rank=2, alpha=4.0, targets=("to_q", "conv1")), nnx.Rngs(0))
+    factors = LoRAFactors(lora_lib.detach_lora(unet))
+    assert factors.paths and all(s == 2.0 for s in factors.scales)
+    _adapter_trains_beside_the_unet(factors, style_loss, unet, batch)
 
 
 def test_min_snr_weights_match_diffusers_training_scripts():

@@ -14,17 +14,40 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from tdd_jax.models.layers import Conv2d, ModelOptions, silu
-from tdd_jax.models.unet import UNetEncoder, checked_config
+from tdd_jax.models.unet import UNet2DConditionModel, UNetEncoder, checked_config
 
 # diffusers defaults of the ControlNet-only fields (the encoder's are the UNet's).
 _CONTROLNET_DEFAULTS: dict[str, Any] = {
     "conditioning_channels": 3, "conditioning_embedding_out_channels": (16, 32, 96, 256),
     "controlnet_conditioning_channel_order": "rgb", "global_pool_conditions": False,
 }
+
+# The UNet config fields diffusers' ``ControlNetModel.from_unet`` copies into the ControlNet's config.
+FROM_UNET_FIELDS = (
+    "encoder_hid_dim", "encoder_hid_dim_type", "addition_embed_type", "addition_time_embed_dim",
+    "transformer_layers_per_block", "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types",
+    "only_cross_attention", "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor",
+    "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim", "attention_head_dim", "num_attention_heads",
+    "use_linear_projection", "class_embed_type", "num_class_embeds", "upcast_attention", "resnet_time_scale_shift",
+    "projection_class_embeddings_input_dim", "mid_block_type")
+# Modules diffusers' from_unet loads from the UNet, and the zero convolutions its __init__ zeroes.
+ENCODER_MODULES = ("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block")
+ZERO_CONVOLUTIONS = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+
+
+def controlnet_config(unet_config: dict, **fields) -> dict:
+    """The config.json diffusers' ``ControlNetModel.from_unet`` writes for a UNet whose config.json is
+    ``unet_config``: its encoder fields as written there, plus the ControlNet fields (diffusers' defaults, or
+    ``fields``, e.g. ``conditioning_embedding_out_channels``)."""
+    unknown = set(fields) - set(_CONTROLNET_DEFAULTS)
+    if unknown:
+        raise ValueError(f"not ControlNet config fields: {sorted(unknown)} (expected {sorted(_CONTROLNET_DEFAULTS)})")
+    return {**{k: unet_config[k] for k in FROM_UNET_FIELDS if k in unet_config}, **_CONTROLNET_DEFAULTS, **fields}
 
 
 class ControlNetConditioningEmbedding(nnx.Module):
@@ -69,6 +92,30 @@ class ControlNetModel(UNetEncoder):
         self.controlnet_down_blocks = nnx.List([Conv2d(c, c, 1, opts=opts, rngs=rngs) for c in self.skip_channels])
         self.controlnet_mid_block = Conv2d(chans[-1], chans[-1], 1, opts=opts, rngs=rngs)
         self.bgr = order == "bgr"
+
+    @classmethod
+    def from_unet(cls, unet: UNet2DConditionModel, config: dict, *, opts: ModelOptions = ModelOptions(),
+                  rngs: nnx.Rngs) -> ControlNetModel:
+        """A ControlNet initialised as diffusers' ``ControlNetModel.from_unet`` does: ``config`` (from
+        ``controlnet_config``), the UNet's encoder weights copied, the zero convolutions zero, and the
+        conditioning embedding's other convolutions drawn from ``rngs``. Training starts from the UNet's own
+        features and residuals of exactly 0, so the controlled UNet starts as the plain one."""
+        net = cls(config, opts=opts, rngs=rngs)
+        source = dict(nnx.to_flat_state(nnx.state(unet, nnx.Param)))
+        flat = []
+        for path, var in nnx.to_flat_state(nnx.state(net, nnx.Param)):
+            name = ".".join(str(k) for k in path)
+            if name.startswith(ENCODER_MODULES):
+                value = source[path].get_value()
+                if value.shape != var.get_value().shape:
+                    raise ValueError(f"ControlNet config does not fit the UNet: {name} has shape "
+                                     f"{var.get_value().shape}, the UNet's {value.shape}")
+                var = var.replace(value)
+            elif name.startswith(ZERO_CONVOLUTIONS):
+                var = var.replace(jnp.zeros_like(var.get_value()))
+            flat.append((path, var))
+        nnx.update(net, nnx.from_flat_state(flat))
+        return net
 
     @property
     def image_factor(self) -> int:

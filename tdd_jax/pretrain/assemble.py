@@ -24,6 +24,8 @@ from tdd_jax.pretrain.loop import read_records
 # The diffusers release whose pipeline loader this format was checked against (tests/test_pretrain.py).
 DIFFUSERS_VERSION = "0.42.1"
 DIFFUSERS_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
+# Models save_component also writes that are no pipeline component (a ControlNet ships in its own folder).
+DIFFUSERS_MODELS = {**DIFFUSERS_CLASSES, "controlnet": "ControlNetModel"}
 TRANSFORMERS_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
 TOKENIZERS = ("tokenizer", "tokenizer_2")
 MAX_PIPELINE_MB = 40.0
@@ -39,15 +41,15 @@ SCHEDULER_CONFIG = {
 def save_component(folder: str | Path, name: str, model: nnx.Module, config: dict) -> Path:
     """Write ``model``'s base weights (fp16) and ``config`` as the pipeline component ``name`` into ``folder``.
 
-    name: 'unet' or 'vae' (diffusers layout) or 'text_encoder'/'text_encoder_2' (transformers layout).
+    name: 'unet', 'vae' or 'controlnet' (diffusers layout) or 'text_encoder'/'text_encoder_2' (transformers layout).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {state_key(path): np.ascontiguousarray(np.asarray(var.get_value(), np.float16))
                for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
                if not isinstance(var, LoRAParam)}
-    if name in DIFFUSERS_CLASSES:
-        meta = {"_class_name": DIFFUSERS_CLASSES[name], "_diffusers_version": DIFFUSERS_VERSION}
+    if name in DIFFUSERS_MODELS:
+        meta = {"_class_name": DIFFUSERS_MODELS[name], "_diffusers_version": DIFFUSERS_VERSION}
         weights = "diffusion_pytorch_model.safetensors"
     elif name in TRANSFORMERS_CLASSES:
         # dtype float32: transformers would otherwise keep the fp16 file's dtype while diffusers upcasts the UNet
@@ -56,7 +58,7 @@ def save_component(folder: str | Path, name: str, model: nnx.Module, config: dic
         weights = "model.safetensors"
     else:
         raise ValueError(f"unknown pipeline component {name!r}; expected one of "
-                         f"{sorted(DIFFUSERS_CLASSES) + sorted(TRANSFORMERS_CLASSES)}")
+                         f"{sorted(DIFFUSERS_MODELS) + sorted(TRANSFORMERS_CLASSES)}")
     save_file(tensors, str(folder / weights), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps({**meta, **config}, indent=2) + "\n")
     return folder
