@@ -151,6 +151,7 @@ class CompiledStep(NamedTuple):
     flops: float | None  # XLA's estimate for one step of one device's program; None where the backend has none
     optimal_seconds: float | None  # the backend's cost-model time for that program; None where it has none
     while_loops: int  # while loops in the optimised program (XLA counts each body once in the two above)
+    unpriced_ops: int  # ops the TPU cost model prices at -1 s each (ConcatBitcast custom calls): add them back
 
 
 @dataclasses.dataclass
@@ -453,8 +454,10 @@ def build_train_step(cfg, frozen: FrozenPipeline, schedule: NoiseSchedule, mesh:
 def compiled_analysis(compiled) -> dict:
     """{'memory': per-device bytes (argument, output, alias, temp, generated_code, total), 'flops': XLA's FLOPs,
     'optimal_seconds': the backend's cost-model time (the TPU compiler's; None where the backend has none),
-    'while_loops': how many while loops the optimised program holds} of a compiled program. XLA's FLOPs and
-    optimal_seconds both count a while loop's body once."""
+    'while_loops': how many while loops the optimised program holds, 'unpriced_ops': how many ops the TPU cost
+    model cannot price} of a compiled program. XLA's FLOPs and optimal_seconds both count a while loop's body once,
+    and optimal_seconds holds -1 s for each unpriced op (the TPU compiler's ``ConcatBitcast`` custom calls:
+    ``tests/test_compile_check.py`` shows the count and the offset agree)."""
     mem = compiled.memory_analysis()
     memory = {name: int(getattr(mem, f"{name}_size_in_bytes", 0) or 0)
               for name in ("argument", "output", "alias", "temp", "generated_code")}
@@ -462,9 +465,10 @@ def compiled_analysis(compiled) -> dict:
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     flops, seconds = cost.get("flops"), cost.get("optimal_seconds")
+    text = compiled.as_text()
     return {"memory": memory, "flops": None if flops is None else float(flops),
             "optimal_seconds": None if seconds is None else float(seconds),
-            "while_loops": compiled.as_text().count(" while(")}
+            "while_loops": text.count(" while("), "unpriced_ops": text.count('custom_call_target="ConcatBitcast"')}
 
 
 def compile_train_step(step: TrainStep, batch_shapes: dict) -> CompiledStep:
