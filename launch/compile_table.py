@@ -1,4 +1,5 @@
-"""The README's compile-check table, made from the JSON reports of ``python -m tdd_jax.compile_check --json``.
+"""The compile-check tables of docs/tpu.md, made from the JSON reports of ``python -m tdd_jax.compile_check --json``:
+memory and speed per program, the FLOP accounting, and what the paper's run would take on each slice.
 
     python -m launch.compile_table compile_v5e-8.json compile_v5p-8.json ...
 """
@@ -8,7 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
-from tdd_jax.compile_check import cost_model_estimate
+from configs import tdd_sdxl
+from tdd_jax.compile_check import TOPOLOGIES, cost_model_estimate
 
 GiB = 2**30
 
@@ -59,9 +61,47 @@ def accounting(reports: list[dict]) -> list[str]:
     return lines
 
 
+def paper_run_images() -> int:
+    """Images the paper's run sees: ``configs/tdd_sdxl.py``'s global batch x training steps."""
+    cfg = tdd_sdxl.get_config()
+    return int(cfg.batch.global_batch) * int(cfg.num_train_steps)
+
+
+def budget(reports: list[dict]) -> list[str]:
+    """Per compiled train step: its setting, images/s by the FLOP roofline and by the compiler's cost model, the
+    cost model's speed as a share of the roofline's (the FLOPs include remat recompute, so this is not MFU), and the
+    paper's run in days and chip-hours by each."""
+    images = paper_run_images()
+    head = [f"| topology | chips | setting | images/s: roofline / cost model | cost model / roofline | paper run "
+            f"({images:.3g} images): days, roofline / cost model | chip-hours, roofline / cost model |",
+            "|---|---|---|---|---|---|---|"]
+    out = []
+    for r in reports:
+        p = r.get("train_step", {})
+        if "roofline_images_per_s" not in p or "memory" not in p:
+            continue
+        s, chips = r["settings"], TOPOLOGIES[r["topology"]].chips
+        setting = (f"{r.get('batch_kind', 'pixels')}, {s['micro_batch_per_device']:g} per device, remat "
+                   f"{s['remat']}, weights {s['param_dtype']}, LoRA {s['lora_sharding']}"
+                   f"{', ' + s['attention_impl'] if s.get('attention_impl') else ''}")
+        roof, cost = p["roofline_images_per_s"], cost_model_estimate(p)
+        cost_ips = None if cost is None else p["images"] / cost
+        days = [images / ips / 86400 for ips in (roof, cost_ips) if ips]
+        out.append(f"| {r['topology']} | {chips} | {setting} | {roof:.1f} / "
+                   + ("n/a" if cost_ips is None else f"{cost_ips:.1f}")
+                   + f" | {'n/a' if cost_ips is None else f'{cost_ips / roof:.0%}'} | "
+                   + " / ".join(f"{d:.1f}" for d in days)
+                   + " | " + " / ".join(f"{d * 24 * chips:,.0f}" for d in days) + " |")
+    return head + out
+
+
+def commands(reports: list[dict]) -> list[str]:
+    return [f"- {r['topology']}: `{r['command']}`" for r in reports if "command" in r]
+
+
 def main(paths: list[str]) -> None:
     reports = [json.loads(open(p).read()) for p in paths]
-    print("\n".join(rows(reports) + [""] + accounting(reports)))
+    print("\n".join(rows(reports) + [""] + accounting(reports) + [""] + budget(reports) + [""] + commands(reports)))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import dataclasses
 import json
 import os
 import resource
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -293,12 +295,12 @@ def settings_summary(cfg, mesh: Mesh) -> dict:
 
 def run(cfg, topology: str, *, configs: dict = SDXL_CONFIGS, batch_kind: str = "pixels", sampler_batch: int = 0,
         settings: SamplerSettings = SamplerSettings(), train: bool = True, compile: bool = True) -> dict[str, Any]:
-    """The whole check for one topology: {'topology', 'settings', 'train_step', 'sampler'} (per device);
+    """The whole check for one topology: {'topology', 'batch_kind', 'settings', 'train_step', 'sampler'} (per device);
     compile=False counts the FLOPs without compiling."""
     devices, hbm, peak = topology_devices(topology)
     mesh = sharding.make_mesh(int(cfg.mesh.data), int(cfg.mesh.fsdp), devices=devices)
     frozen = abstract_frozen(cfg, mesh, configs, encoders=batch_kind == "pixels" or sampler_batch > 0)
-    report: dict[str, Any] = {"topology": topology, "num_devices": len(devices),
+    report: dict[str, Any] = {"topology": topology, "num_devices": len(devices), "batch_kind": batch_kind,
                               "settings": settings_summary(cfg, mesh)}
     if train:
         report["train_step"] = roofline(compile_step(cfg, frozen, mesh, configs, batch_kind, compile), hbm, peak)
@@ -370,6 +372,7 @@ def main(argv):
                      settings=settings, train=_TRAIN.value, compile=_COMPILE.value)
     except MissingLibTPU as e:
         raise app.UsageError(str(e)) from e
+    report["command"] = "python -m tdd_jax.compile_check " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report["command_date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     report["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux: KiB
     print(format_report(report))

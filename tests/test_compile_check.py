@@ -54,6 +54,9 @@ def test_tpu_step_compiles_and_fsdp_splits_the_weights():
     # The README's table is made from these reports.
     table = "\n".join(compile_table.rows([replicated, split]) + compile_table.accounting([split]))
     assert table.count("| v5e-4 | 4 | TDD train step |") == 2 and "x** the analytic minimum" in table
+    # The paper-run budget: days and chip-hours by the roofline and by the cost model (loop-free here).
+    budget = compile_table.budget([split])[2]
+    assert budget.startswith("| v5e-4 | 4 | cached, ") and budget.count(" / ") == 3 and "%" in budget, budget
     # --compile=false: the same FLOP accounting from tracing alone, and no memory claimed.
     counted_only = _check(1, 4, compile=False)["train_step"]
     assert "memory" not in counted_only and "fits" not in counted_only
