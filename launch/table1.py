@@ -34,7 +34,6 @@ import dataclasses
 import importlib
 import io
 import json
-import math
 import os
 import subprocess
 import sys
@@ -252,6 +251,9 @@ def build_tables(names, steps, ablation_steps, features: dict[str, tuple[str, ..
                           comparisons)
         else:
             raise ValueError(f"--tables: unknown table {name!r}; expected some of {TABLES}")
+        labels = {r.label for r in table.rows} | {teacher_label(r.teacher_cfg) for r in table.rows}
+        unknown = {label for pair in table.comparisons for label in pair} - labels
+        assert not unknown, f"table {name}: comparisons name rows it does not have: {sorted(unknown)}"
         table.rows = [r for r in table.rows if r.variant in variants]
         table.rows += [Row(teacher_label(c), None, {}, c) for c in sorted({r.teacher_cfg for r in table.rows})]
         table.features = features.get(name, features.get("", ("emoji",)))
@@ -553,7 +555,7 @@ def markdown(table: Table, cells, comparisons, command: str) -> list[str]:
             lines.append(f"| {row.label} | {column} | " + " | ".join([fmt.format(c["mean"])] * len(table.steps))
                          + " |")
     if comparisons:
-        lines += ["", f"Comparisons (mean ± std over seeds of A − B; a win needs a paired t-test over seeds at 5 %):",
+        lines += ["", "Comparisons (mean ± std over seeds of A − B; a win needs a paired t-test over seeds at 5 %):",
                   "", "| A vs B | steps | metric | A − B | verdict |", "| --- | --- | --- | --- | --- |"]
         for c in comparisons:
             lines.append(f"| {c['a']} vs {c['b']} | {c['steps']} | {c['metric']} | "
