@@ -172,12 +172,13 @@ def student_row(label: str, name: str, steps, *, gamma: float | None = None, cfg
                 w_prime: float | None = None, non_equidistant: bool = False, clip_steps: int = 0) -> Row:
     """A row of variant ``name`` sampled with its config's validation sampler, changed as the arguments say."""
     vc = variant_config(name)
-    settings = {n: SamplerSettings(
-        num_steps=n, gamma=float(vc.validation.gamma) if gamma is None else gamma,
+    base = SamplerSettings(
+        gamma=float(vc.validation.gamma) if gamma is None else gamma,
         guidance_scale=float(vc.validation.guidance_scale) if cfg is None else cfg, w_prime=w_prime,
         non_equidistant=non_equidistant, clip_steps=clip_steps, grid_steps=int(vc.solver.num_steps),
-        k_min=int(vc.target.k_min), k_max=int(vc.target.k_max)) for n in steps}
-    return Row(label, name, settings, teacher_guidance_scale(next(iter(settings.values())), training_guidance(name)))
+        k_min=int(vc.target.k_min), k_max=int(vc.target.k_max))
+    return Row(label, name, {n: dataclasses.replace(base, num_steps=n) for n in steps},
+               teacher_guidance_scale(base, training_guidance(name)))
 
 
 def teacher_label(cfg: float) -> str:
@@ -192,9 +193,8 @@ def build_tables(names, steps, ablation_steps, features: dict[str, tuple[str, ..
     for name in names:
         if name == "table1":
             rows = [student_row(label[m], m, steps) for m in ("lcm", "pcm", "tcd", "tdd", "tdd_adv")]
-            ne = [n for n in steps if n in NON_EQUIDISTANT_STEPS]
-            if ne:
-                rows.append(student_row("TDD non-equidistant", "tdd", ne, non_equidistant=True))
+            rows.append(student_row("TDD non-equidistant", "tdd", [n for n in steps if n in NON_EQUIDISTANT_STEPS],
+                                    non_equidistant=True))
             rows.append(student_row(f"TDD w'={w:g}, CFG {TUNED_SCALES[0]}", "tdd", steps, cfg=TUNED_SCALES[0],
                                     w_prime=w))
             for m in ("lcm", "pcm", "tcd", "tdd", "tdd_adv"):
@@ -254,7 +254,7 @@ def build_tables(names, steps, ablation_steps, features: dict[str, tuple[str, ..
         labels = {r.label for r in table.rows} | {teacher_label(r.teacher_cfg) for r in table.rows}
         unknown = {label for pair in table.comparisons for label in pair} - labels
         assert not unknown, f"table {name}: comparisons name rows it does not have: {sorted(unknown)}"
-        table.rows = [r for r in table.rows if r.variant in variants]
+        table.rows = [r for r in table.rows if r.variant in variants and r.settings]
         table.rows += [Row(teacher_label(c), None, {}, c) for c in sorted({r.teacher_cfg for r in table.rows})]
         table.features = features.get(name, features.get("", ("emoji",)))
         tables.append(table)
@@ -577,7 +577,7 @@ def write_outputs(out: Path, tables: list[Table], seeds, scores, commands: dict[
     fields = ["table", "row", "variant", "steps", "metric", "mean", "std", "n", "values"]
     writer = csv.DictWriter(buffer, fields)
     writer.writeheader()
-    writer.writerows({**c, "values": ";".join(f"{v:.6g}" for v in c["values"])} for c in all_cells)
+    writer.writerows({**c, "values": ";".join(repr(v) for v in c["values"])} for c in all_cells)
     for path, text in ((out / "table.csv", buffer.getvalue()), (out / "table.md", "\n".join(md))):
         with atomic_file(path, overwrite=True) as tmp:
             tmp.write_text(text)
