@@ -81,9 +81,14 @@ def apply_method(cfg: ml_collections.ConfigDict, name: str, *, budget: bool = Tr
     for field, value in _OVERRIDES[method_name(name)].items():
         if not budget and field in BUDGET_FIELDS:
             continue
-        node = cfg
-        *parents, leaf = field.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        set_field(cfg, field, value)
     return cfg
+
+
+def set_field(cfg: ml_collections.ConfigDict, field: str, value) -> None:
+    """Set the dotted ``field`` (e.g. 'target.eta') of ``cfg`` in place."""
+    node = cfg
+    *parents, leaf = field.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value

@@ -1,31 +1,94 @@
-"""launch/table1.py end to end at smoke size: two methods distilled for two steps, one step count, a few prompts;
-every cell of the table is filled with real scores, and a rerun reuses the students and the sample sets."""
+"""launch/table1.py: the --plan counts on hand-counted grids, and the --quick grid end to end (two training seeds
+of 2-step students, 8 prompts x 2 noises): every cell is mean ± std over the seeds, the comparisons carry a
+verdict, the seeds give different students, and a rerun trains, renders and scores nothing again."""
 
 import csv
+import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+LAUNCHER = str(REPO / "launch" / "table1.py")
+
+
+def plan(out, *flags) -> dict[str, list[str]]:
+    """--plan's table: unit name -> [total, left, CPU h, left h]."""
+    text = subprocess.run([sys.executable, LAUNCHER, f"--out={out}", "--plan", *flags], check=True, cwd=REPO,
+                          capture_output=True, text=True, timeout=300).stdout
+    return {m[1].strip(): m[2].split() for m in re.finditer(r"^(trainings|[a-z ]+sets|feature extractions|total)"
+                                                            r"(.*)$", text, re.M)}
+
+
+def test_plan_counts_units(tmp_path):
+    # target: pcm, tdd_eta0, tdd at γ 0 and 0.2, 5 step counts, 2 seeds; one teacher control (CFG 8); emoji only
+    units = plan(tmp_path, "--tables=target", "--seeds=0,1")
+    assert units["trainings"][:2] == ["6", "6"] and units["student sample sets"][:2] == ["60", "60"]
+    assert units["teacher sample sets"][:2] == ["1", "1"] and units["feature extractions"][:2] == ["61", "61"]
+    # table1 with tdd and tcd at 4-5 steps, 3 seeds: TDD, TCD, TDD γ=0.2, TCD γ=0.3, tuned (2 steps each) and
+    # non-equidistant (5 only) = 11 sets per seed; teachers at CFG 8 and 1.7; emoji and inception
+    units = plan(tmp_path, "--tables=table1", "--variants=tdd,tcd", "--steps=4,5")
+    assert units["trainings"][0] == "6" and units["student sample sets"][0] == "33"
+    assert units["teacher sample sets"][0] == "2" and units["feature extractions"][0] == "70"
+    hours = [float(units[k][2]) for k in ("trainings", "student sample sets", "teacher sample sets",
+                                          "feature extractions")]
+    assert float(units["total"][0]) == pytest.approx(sum(hours), abs=0.02) and min(hours) > 0
+
+
+def test_plan_refuses_unknown_names(tmp_path):
+    proc = subprocess.run([sys.executable, LAUNCHER, f"--out={tmp_path}", "--plan", "--tables=table9"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--tables: unknown ['table9']" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def mtimes(out: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for pattern in ("students/*/*/done.json", "samples/**/*.npz", "scores/**/*.json",
+                                                    "features/*.npz") for p in out.glob(pattern)}
 
 
 @pytest.mark.slow
-def test_quick_table_has_every_cell(tmp_path):
-    out = tmp_path / "table1"
-    cmd = [sys.executable, str(REPO / "launch" / "table1.py"), "--quick", f"--out={out}",
-           f"--data_dir={tmp_path / 'emoji'}"]
-    subprocess.run(cmd, check=True, cwd=REPO, timeout=1500)
+def test_quick_grid_end_to_end_and_resumes(tmp_path):
+    out = tmp_path / "grid"
+    cmd = [sys.executable, LAUNCHER, "--quick", f"--out={out}", f"--data_dir={tmp_path / 'emoji'}"]
+    first = subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True, timeout=1500).stdout
+    assert first.count("[students] tdd seed") == 2 and first.count("[samples] ") == 8, first
+
     with open(out / "table.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert {(r["row"], r["steps"]) for r in rows} == {("TDD", "4"), ("TDD w'=7, CFG 1.7", "4"), ("LCM", "4")}
-    for r in rows:
-        assert all(r[k] not in ("", "nan") for k in ("fid", "kid", "prompt_accuracy", "teacher_mean_abs_delta")), r
-        assert float(r["fid"]) > 0 and 0 <= float(r["prompt_accuracy"]) <= 1
-    assert (out / "grid.png").stat().st_size > 0 and "| LCM |" in (out / "table.md").read_text()
-    cached = sorted(p.name for p in (out / "samples").glob("*.npz"))
-    assert cached == ["lcm_4.npz", "tdd_4.npz", "tdd_w__7__cfg_1_7_4.npz", "teacher_25.npz"]
-    stamps = {p: p.stat().st_mtime_ns for p in (out / "samples").glob("*.npz")}
-    subprocess.run(cmd, check=True, cwd=REPO, timeout=1500)  # resumes: nothing is trained or rendered again
-    assert {p: p.stat().st_mtime_ns for p in (out / "samples").glob("*.npz")} == stamps
+        cells = list(csv.DictReader(f))
+    students = {"TDD", "TDD w'=7, CFG 1.7", "TDD γ=0.2"}
+    assert {c["row"] for c in cells} == students | {"Teacher 25 steps, CFG 8", "Teacher 25 steps, CFG 1.7"}
+    assert {c["metric"] for c in cells} == {"fid_real_emoji", "kid_real_emoji", "fid_teacher_emoji",
+                                            "kid_teacher_emoji", "prompt_accuracy", "teacher_mad"}
+    for c in cells:
+        values = [float(v) for v in c["values"].split(";")]
+        assert len(values) == (2 if c["row"] in students else 1) and all(math.isfinite(v) for v in values), c
+        assert float(c["mean"]) == pytest.approx(np.mean(values), rel=1e-5)
+        if c["row"] in students:
+            assert float(c["std"]) == pytest.approx(np.std(values, ddof=1), rel=1e-4, abs=1e-9)
+        elif c["metric"] in ("fid_teacher_emoji", "teacher_mad"):  # a teacher control against itself
+            assert float(c["mean"]) == pytest.approx(0.0, abs=1e-6)
+    md = (out / "table.md").read_text()
+    assert re.search(r"\| TDD \| fid_real_emoji \| \d+\.\d+ ± \d+\.\d+ \|", md), md
+    assert "Reproduce: `python3 launch/table1.py" in md and (out / "grid.png").stat().st_size > 0
+    comparisons = json.loads((out / "table.json").read_text())["comparisons"]
+    pairs = {(c["a"], c["b"]) for c in comparisons}
+    assert pairs == {("TDD γ=0.2", "TDD"), ("TDD w'=7, CFG 1.7", "Teacher 25 steps, CFG 1.7")}
+    assert all(c["n"] == 2 and (c["verdict"] == "not resolved") == (not c["resolved"]) for c in comparisons)
+
+    # --config.seed=S really changes the student: same prompts and noises, different images
+    seed0, seed1 = (np.load(out / "samples" / "tdd" / f"seed{s}" / "n4_g0_cfg1.npz")["images"] for s in (0, 1))
+    assert seed0.shape == (16, 64, 64, 3) and not np.array_equal(seed0, seed1)
+
+    stamps = mtimes(out)
+    assert len(stamps) == 2 + 8 + 8 + 3  # trainings, sample sets, score files, reference features
+    second = subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True, timeout=1500).stdout
+    assert mtimes(out) == stamps  # nothing trained, rendered, featurised or scored again
+    assert not re.search(r"^\[(students|samples|scores)\]", second, re.M), second
+    assert (out / "table.md").read_text() == md
+    left = plan(out, "--quick")
+    assert all(units[1] == "0" for name, units in left.items() if name != "total"), left

@@ -92,16 +92,24 @@ def evaluate_images(extractor, images: np.ndarray, reference: dict, captions=Non
                     kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict:
     """FID and KID of ``images`` against ``reference`` ({'mu', 'sigma'[, 'features']}), prompt accuracy when
     ``captions`` are given and the extractor can name images, mean |Δ| to ``teacher`` images (same order)."""
-    features = extractor.features(images)
-    mu, sigma = metrics.feature_statistics(features)
-    result = {"images": len(images), "fid": metrics.frechet_distance(mu, sigma, reference["mu"], reference["sigma"])}
-    if "features" in reference:
-        result["kid"], result["kid_std"] = metrics.kid(features, reference["features"], num_subsets=kid_subsets,
-                                                       subset_size=kid_subset_size)
+    result = {"images": len(images), **feature_scores(extractor.features(images), reference, kid_subsets,
+                                                      kid_subset_size)}
     if captions is not None and hasattr(extractor, "predict"):
         result["prompt_accuracy"] = prompt_accuracy(extractor, images, captions)
     if teacher is not None:
         result["teacher_mean_abs_delta"] = mean_abs_delta(images, teacher)
+    return result
+
+
+def feature_scores(features: np.ndarray, reference: dict, kid_subsets: int = 100,
+                   kid_subset_size: int = 1000) -> dict:
+    """{'fid'[, 'kid', 'kid_std']} of extracted ``features`` against ``reference`` (KID when it holds features):
+    one extraction can be scored against several references."""
+    mu, sigma = metrics.feature_statistics(features)
+    result = {"fid": metrics.frechet_distance(mu, sigma, reference["mu"], reference["sigma"])}
+    if "features" in reference:
+        result["kid"], result["kid_std"] = metrics.kid(features, reference["features"], num_subsets=kid_subsets,
+                                                       subset_size=kid_subset_size)
     return result
 
 
