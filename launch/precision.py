@@ -1,7 +1,7 @@
 """bf16 against float32 in the TDD step, on the tiny pipeline: how far the loss, the LoRA gradients and the first
 AdamW update move when the UNet computes (or stores its weights) in bfloat16.
 
-    python3 launch/precision.py --lora workdirs/table1/students/tdd     # a distilled student's LoRA
+    python3 launch/precision.py --lora workdirs/table1/students/tdd/seed0     # a distilled student's LoRA
     python3 launch/precision.py                                         # a fresh LoRA with random B
 
 Every variant sees the same LoRA values, batches and per-example noise (the step draws them from the same keys),
