@@ -151,7 +151,7 @@ class CompiledStep(NamedTuple):
     flops: float | None  # XLA's estimate for one step of one device's program; None where the backend has none
     optimal_seconds: float | None  # the backend's cost-model time for that program; None where it has none
     while_loops: int  # while loops in the optimised program (XLA counts each body once in the two above)
-    unpriced_ops: int  # ops the TPU cost model prices at -1 s each (ConcatBitcast custom calls): add them back
+    unpriced_ops: int  # ops the TPU cost model prices at -1 s each (UNPRICED_CUSTOM_CALLS): add them back
 
 
 @dataclasses.dataclass
@@ -451,13 +451,19 @@ def build_train_step(cfg, frozen: FrozenPipeline, schedule: NoiseSchedule, mesh:
                      adversary=adversary)
 
 
+# The TPU compiler's own custom calls that its cost model prices at -1 s each (found on small programs, 2026-12-06:
+# a softmax of a bf16 input holds one ConcatBitcast and costs -1 + its work; the tiny step's two ZeroCrops, -2 + its
+# work). Their other custom calls (async collectives, gather-index hints) are priced.
+UNPRICED_CUSTOM_CALLS = ("ConcatBitcast", "ZeroCrop")
+
+
 def compiled_analysis(compiled) -> dict:
     """{'memory': per-device bytes (argument, output, alias, temp, generated_code, total), 'flops': XLA's FLOPs,
     'optimal_seconds': the backend's cost-model time (the TPU compiler's; None where the backend has none),
     'while_loops': how many while loops the optimised program holds, 'unpriced_ops': how many ops the TPU cost
     model cannot price} of a compiled program. XLA's FLOPs and optimal_seconds both count a while loop's body once,
-    and optimal_seconds holds -1 s for each unpriced op (the TPU compiler's ``ConcatBitcast`` custom calls:
-    ``tests/test_compile_check.py`` shows the count and the offset agree)."""
+    and optimal_seconds holds -1 s for each unpriced op (``UNPRICED_CUSTOM_CALLS``; ``tests/test_compile_check.py``
+    shows the count and the offset agree)."""
     mem = compiled.memory_analysis()
     memory = {name: int(getattr(mem, f"{name}_size_in_bytes", 0) or 0)
               for name in ("argument", "output", "alias", "temp", "generated_code")}
@@ -468,7 +474,7 @@ def compiled_analysis(compiled) -> dict:
     text = compiled.as_text()
     return {"memory": memory, "flops": None if flops is None else float(flops),
             "optimal_seconds": None if seconds is None else float(seconds),
-            "while_loops": text.count(" while("), "unpriced_ops": text.count('custom_call_target="ConcatBitcast"')}
+            "while_loops": text.count(" while("), "unpriced_ops": sum(text.count(f'custom_call_target="{name}"') for name in UNPRICED_CUSTOM_CALLS)}
 
 
 def compile_train_step(step: TrainStep, batch_shapes: dict) -> CompiledStep:
