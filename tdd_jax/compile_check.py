@@ -184,7 +184,7 @@ def with_xla_attention(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict) -
     """(cfg, frozen) to count FLOPs with: as given, or for ``model.attention_impl='splash'`` with the XLA
     attention in its place (same weights and shardings). The Pallas kernel is opaque to the count
     (``tdd_jax.flops``) and its matmuls are the same as XLA's (not counted: the work on the kernel's padding of
-    sequence lengths to 128)."""
+    sequence lengths to a multiple of 128)."""
     if cfg.model.attention_impl != "splash":
         return cfg, frozen
     cfg = cfg.copy_and_resolve_references()

@@ -348,8 +348,9 @@ def attention(q, k, v, *, heads: int, impl: str | None, mask=None, is_causal: bo
     ``impl`` None/'xla'/'cudnn' runs ``jax.nn.dot_product_attention`` (a GPU can select cuDNN flash attention).
     ``impl='splash'`` runs the Pallas TPU splash-attention kernel (``_splash_attention``; any T, S and
     head_dim, lengths padded to the block size), in Pallas interpret mode off TPU (see ``_splash_interpret``) so
-    CPU tests exercise the same kernel code; under a context mesh, in a ``shard_map`` over the batch. An explicit ``mask`` is not expressed in splash's static masks:
-    such a call falls back to XLA attention (no call site in this package passes one today).
+    CPU tests exercise the same kernel code; under a context mesh, in a ``shard_map`` over the batch. An explicit
+    ``mask`` is not expressed in splash's static masks: such a call falls back to XLA attention (no call site in
+    this package passes one today).
     """
     b, tq, d = q.shape
     tk = k.shape[1]

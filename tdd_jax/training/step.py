@@ -186,7 +186,8 @@ class TrainStep:
         metric_sharding = sharding.replicated(mesh)
         self.init_state = jax.jit(self._init_state, out_shardings=self.state_shardings)
         self.train_step = jax.jit(
-            sharding.traced_on(mesh, self.step_fn), in_shardings=(self.state_shardings, base_shardings, sharding.batch_sharding(mesh)),
+            sharding.traced_on(mesh, self.step_fn),
+            in_shardings=(self.state_shardings, base_shardings, sharding.batch_sharding(mesh)),
             out_shardings=(self.state_shardings, metric_sharding), donate_argnums=0)
 
     # --- state ------------------------------------------------------------------------------------------
