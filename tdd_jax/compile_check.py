@@ -180,9 +180,26 @@ def analytic_step_flops(cfg, configs: dict, lora_shapes) -> dict:
     return {**parts, "minimum": sum(parts.values())}
 
 
+def with_xla_attention(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict) -> tuple[Any, FrozenPipeline]:
+    """(cfg, frozen) to count FLOPs with: as given, or for ``model.attention_impl='splash'`` with the XLA
+    attention in its place (same weights and shardings). The Pallas kernel is opaque to the count
+    (``tdd_jax.flops``) and its matmuls are the same as XLA's (not counted: the work on the kernel's padding of
+    sequence lengths to a multiple of 128)."""
+    if cfg.model.attention_impl != "splash":
+        return cfg, frozen
+    cfg = cfg.copy_and_resolve_references()
+    cfg.model.attention_impl = None
+    return cfg, abstract_frozen(cfg, mesh, configs, encoders=frozen.has_encoders)
+
+
 def step_flops(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, step, batch: dict) -> dict:
     """The step's counted FLOPs on the global batch beside its analytic minimum: {'counted', 'remat_recompute',
-    'analytic': analytic_step_flops, 'ratio': (counted - remat_recompute) / minimum}."""
+    'analytic': analytic_step_flops, 'ratio': (counted - remat_recompute) / minimum} (splash attention counted
+    as XLA's, ``with_xla_attention``)."""
+    xla_cfg, frozen = with_xla_attention(cfg, frozen, mesh, configs)
+    if xla_cfg is not cfg:
+        cfg, step = xla_cfg, build_train_step(xla_cfg, frozen, step.schedule, mesh)
+
     def counted(step):
         return function_flops(step.step_fn, step.abstract_state(), frozen.params, batch)
 
@@ -211,7 +228,8 @@ def compile_step(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batch_k
     if compile:
         compiled = compile_train_step(step, batch)
         result.update(memory=compiled.memory, xla_flops=compiled.flops, xla_optimal_s=compiled.optimal_seconds,
-                      while_loops=compiled.while_loops, unpriced_ops=compiled.unpriced_ops, compile_s=time.perf_counter() - start)
+                      while_loops=compiled.while_loops, unpriced_ops=compiled.unpriced_ops,
+                      mosaic_kernels=compiled.mosaic_kernels, compile_s=time.perf_counter() - start)
     accounting = step_flops(cfg, frozen, mesh, configs, step, select_batch(batch))
     return {**result, "flops": accounting["counted"] / mesh.size, "flop_accounting": accounting}
 
@@ -227,22 +245,28 @@ def compile_sampler(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batc
     side = int(cfg.resolution) // vae_factor(configs["vae"])
     latent_shape = (side, side, configs["vae"]["latent_channels"])
 
-    def render_batch(params, input_ids, input_ids_2, time_ids, seeds):
-        embeds, pooled = frozen.encode_prompts(params, input_ids, input_ids_2)
-        vae = nnx.merge(frozen.graphdefs["vae"], params["vae"])
-        return render(frozen.teacher(params), vae, schedule, settings, seeds, latent_shape,
-                      Cond(embeds, pooled, time_ids))
+    def program(frozen: FrozenPipeline):
+        def render_batch(params, input_ids, input_ids_2, time_ids, seeds):
+            embeds, pooled = frozen.encode_prompts(params, input_ids, input_ids_2)
+            vae = nnx.merge(frozen.graphdefs["vae"], params["vae"])
+            return render(frozen.teacher(params), vae, schedule, settings, seeds, latent_shape,
+                          Cond(embeds, pooled, time_ids))
+
+        return render_batch
 
     data = sharding.batch_sharding(mesh)
     f = jax.ShapeDtypeStruct
     ids = f((batch, 77), jnp.int32, sharding=data)
-    args = (frozen.params, ids, ids, f((batch, 6), jnp.float32, sharding=data), f((batch,), jnp.uint32, sharding=data))
-    result = {"flops": function_flops(render_batch, *args) / mesh.size, "images": batch,
+    args = (ids, ids, f((batch, 6), jnp.float32, sharding=data), f((batch,), jnp.uint32, sharding=data))
+    counting = with_xla_attention(cfg, frozen, mesh, configs)[1]
+    result = {"flops": function_flops(program(counting), counting.params, *args) / mesh.size, "images": batch,
               "steps": settings.num_steps, "cfg": settings.uses_cfg}
     if compile:
-        analysis = compiled_analysis(jax.jit(render_batch, out_shardings=data).lower(*args).compile())
+        render_batch = jax.jit(sharding.traced_on(mesh, program(frozen)), out_shardings=data)
+        analysis = compiled_analysis(render_batch.lower(frozen.params, *args).compile())
         result.update(memory=analysis["memory"], xla_flops=analysis["flops"], xla_optimal_s=analysis["optimal_seconds"],
-                      while_loops=analysis["while_loops"], unpriced_ops=analysis["unpriced_ops"], compile_s=time.perf_counter() - start)
+                      while_loops=analysis["while_loops"], unpriced_ops=analysis["unpriced_ops"],
+                      mosaic_kernels=analysis["mosaic_kernels"], compile_s=time.perf_counter() - start)
     return result
 
 
@@ -330,6 +354,9 @@ def format_report(report: dict) -> str:
                          f"{m['temp'] / GiB:.2f} GiB, out {m['output'] / GiB:.2f} GiB, total "
                          f"{m['total'] / GiB:.2f} GiB{hbm}; FLOPs {r['flops']:.3e} (XLA's figure, loop bodies "
                          f"once: {xla}){speed}; compiled in {r['compile_s']:.0f} s")
+            if r.get("mosaic_kernels"):
+                lines.append(f"    {r['mosaic_kernels']} Pallas TPU kernel calls (splash attention; FLOPs counted as "
+                             "XLA attention's)")
             if "cost_model_s" in r:
                 lines.append(f"    the compiler's cost model: {r['cost_model_s'] * 1e3:.0f} ms = "
                              f"{r['cost_model_images_per_s']:.2f} images/s (its own figure "

@@ -205,7 +205,8 @@ class TDDPipeline:
         self.geometry = geometry
         self.mesh = mesh
         self.lora_info = lora_info
-        self._render = jax.jit(self._render_impl, static_argnames=("settings", "latent_shape", "output_type"),
+        self._render = jax.jit(sharding.traced_on(mesh, self._render_impl),
+                               static_argnames=("settings", "latent_shape", "output_type"),
                                out_shardings=sharding.replicated(mesh))
         self.lora_scales = [1.0] * len(self._loras) if lora_scales is None else [float(s) for s in lora_scales]
         self.set_lora_scale(lora_scale)

@@ -51,11 +51,13 @@ def _specs(tree) -> list[str]:
     return sorted({str(tuple(s.spec)) for s in jax.tree.leaves(tree)})
 
 
-def run(pipeline_dir: str, devices, grad_accum: int, lora_sharding: str = "fsdp") -> dict:
+def run(pipeline_dir: str, devices, grad_accum: int, lora_sharding: str = "fsdp",
+        attention_impl: str | None = None) -> dict:
     mesh = _mesh(devices)
     cfg = step_config(**{"batch.global_batch": GLOBAL_BATCH, "batch.grad_accum": grad_accum, "optim.lr": 1e-2,
                          "optim.eps": 1.0, "loss.kind": "l2", "mesh.lora_sharding": lora_sharding,
-                         "model.dtype": "float64", "model.param_dtype": "float64"})
+                         "model.dtype": "float64", "model.param_dtype": "float64",
+                         "model.attention_impl": attention_impl})
     frozen, step = setup(cfg, pipeline_dir, mesh, encoders=False)
     batch = sharding.shard_batch(mesh, cached_batch(GLOBAL_BATCH))
     state = step.init_state(jax.random.PRNGKey(0))

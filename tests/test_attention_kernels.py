@@ -61,7 +61,7 @@ def test_splash_is_a_config_value():
 
 @pytest.mark.parametrize("name,tq,tk,heads,hd,causal", CASES, ids=[c[0] for c in CASES])
 def test_splash_matches_xla(name, tq, tk, heads, hd, causal):
-    assert layers._splash_interpret() == (jax.default_backend() != "tpu")
+    assert layers._splash_interpret(jax.sharding.get_abstract_mesh()) == (jax.default_backend() != "tpu")
     q, k, v = _qkv(tq, tk, heads, hd)
     splash, ref = _attn("splash", heads, causal), _attn(None, heads, causal)
     out, ref_out = (_run(splash, q, k, v, kernels=1), _run(ref, q, k, v, kernels=0))

@@ -28,10 +28,13 @@ def _configs() -> dict:
             "text_encoder_2": second}
 
 
-def _check(data: int, fsdp: int, compile: bool = True) -> dict:
-    cfg = step_config(**{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.min_shard_size": 1024})
+def _check(data: int, fsdp: int, compile: bool = True, attention_impl: str | None = None,
+           sampler_batch: int = 0) -> dict:
+    cfg = step_config(**{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.min_shard_size": 1024,
+                         "model.attention_impl": attention_impl})
     cfg.resolution = 16
-    return compile_check.run(cfg, "v5e-4", configs=_configs(), batch_kind="cached", compile=compile)
+    return compile_check.run(cfg, "v5e-4", configs=_configs(), batch_kind="cached", compile=compile,
+                             sampler_batch=sampler_batch)
 
 
 @needs_libtpu
@@ -61,6 +64,26 @@ def test_tpu_step_compiles_and_fsdp_splits_the_weights():
     counted_only = _check(1, 4, compile=False)["train_step"]
     assert "memory" not in counted_only and "fits" not in counted_only
     assert counted_only["flop_accounting"] == split["train_step"]["flop_accounting"]
+
+
+@needs_libtpu
+def test_splash_compiles_the_mosaic_kernel_under_fsdp():
+    """model.attention_impl='splash' on 4 v5e chips with FSDP: XLA cannot partition a Mosaic kernel, so it runs in a
+    shard_map over the batch and compiles as one (tpu_custom_call), in the step and in the sampler; its FLOPs are
+    counted with the XLA attention in its place, so they equal the default config's (counted without compiling),
+    and the cost model prices the program (measured: 0.281 ms; 0.236 ms with XLA attention)."""
+    splash = _check(1, 4, attention_impl="splash", sampler_batch=4)
+    xla = _check(1, 4, compile=False, sampler_batch=4)
+    for part in ("train_step", "sampler"):
+        assert splash[part]["mosaic_kernels"] > 0 and splash[part]["fits"], part
+        assert splash[part]["flops"] == xla[part]["flops"] and splash[part]["roofline_s"] == xla[part]["roofline_s"]
+    # One-level UNet: 4 transformer blocks x (self + cross) attention; the step runs it 3 times forward (teacher's
+    # 2B call, target, student) and once backward (dq and dkv kernels): 8 x (3 + 2) calls.
+    step = splash["train_step"]
+    assert step["mosaic_kernels"] == 40
+    assert step["flop_accounting"] == xla["train_step"]["flop_accounting"]
+    assert step["cost_model_s"] == step["xla_optimal_s"] > 0 and step["while_loops"] == 0
+    assert "40 Pallas TPU kernel calls" in compile_check.format_report(splash)
 
 
 def test_missing_libtpu_names_the_extra(monkeypatch):

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 
 class LoRAParam(nnx.Param):
@@ -258,14 +259,19 @@ class Placeholder(nnx.Module):
         return x
 
 
-# Whether the 'splash' attention kernel runs in Pallas interpret mode. None (the default) decides per call:
-# interpret unless ``jax.default_backend() == "tpu"``. Tests or a debugging session may set it to True/False.
+# Whether the 'splash' attention kernel runs in Pallas interpret mode. None (the default) decides per call
+# (``_splash_interpret``). Tests or a debugging session may set it to True/False.
 SPLASH_INTERPRET: bool | None = None
 SPLASH_BLOCK_SIZES = (512, 256, 128)  # tried in this order; lengths are padded to a multiple of the last
 
 
-def _splash_interpret() -> bool:
-    return jax.default_backend() != "tpu" if SPLASH_INTERPRET is None else bool(SPLASH_INTERPRET)
+def _splash_interpret(mesh: jax.sharding.AbstractMesh) -> bool:
+    """Interpret mode unless the program is built for TPU: the platform of the context ``mesh``'s devices where
+    one is set (so a TPU topology compiled on a CPU host gets the real Mosaic kernel), else the default backend."""
+    if SPLASH_INTERPRET is not None:
+        return bool(SPLASH_INTERPRET)
+    device = None if mesh.empty else mesh.abstract_device
+    return (jax.default_backend() if device is None else device.platform) != "tpu"
 
 
 @functools.lru_cache(maxsize=64)
@@ -290,6 +296,24 @@ def _splash_kernel(heads: int, tq: int, tk: int, causal: bool, interpret: bool):
 def _splash_attention(q, k, v, *, is_causal: bool):
     """Splash attention on (B, T, N, H) q and (B, S, N, H) k/v; returns (B, T, N, H) in q's dtype.
 
+    A Mosaic kernel cannot be partitioned by XLA, so under a context mesh (``jax.sharding.get_abstract_mesh``,
+    entered by ``training.sharding.traced_on``) the kernel runs in a ``shard_map``: the batch split over every
+    mesh axis, each device running it on its own examples with all heads. A batch the mesh does not divide (one
+    image on 8 devices) runs whole on every device (replicated in and out: the same kernel and numbers, the
+    work repeated per device). Without a mesh (one device, tests) it is the kernel vmapped over the batch.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    local = functools.partial(_splash_local, is_causal=is_causal, interpret=_splash_interpret(mesh))
+    if mesh.empty:
+        return local(q, k, v)
+    spec = PartitionSpec(mesh.axis_names) if q.shape[0] % mesh.size == 0 else PartitionSpec()
+    # check_vma=False: the Pallas kernel's output shapes carry no varying-axes annotation.
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
+
+
+def _splash_local(q, k, v, *, is_causal: bool, interpret: bool):
+    """``_splash_attention`` on the examples one device holds.
+
     The kernel takes (heads, seq, head_dim) per example (vmapped over the batch) and does not scale the logits,
     so q is multiplied by 1/sqrt(H) here (in fp32, then cast back to q's dtype; exact for H = 64 in bf16). Logits,
     softmax and the output accumulator are fp32 inside the kernel, as in ``jax.nn.dot_product_attention``.
@@ -309,7 +333,7 @@ def _splash_attention(q, k, v, *, is_causal: bool):
     # (B, T, N, H) -> (B, N, T, H), sequence padded at the end.
     q, k, v = (jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, p - x.shape[1]), (0, 0)))
                for x, p in ((q, tqp), (k, tkp), (v, tkp)))
-    kernel = _splash_kernel(n, tqp, tkp, bool(is_causal), _splash_interpret())
+    kernel = _splash_kernel(n, tqp, tkp, bool(is_causal), interpret)
     if tkp != tk:
         seg = sak.SegmentIds(q=jnp.zeros((tqp,), jnp.int32), kv=(jnp.arange(tkp) >= tk).astype(jnp.int32))
         out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(q, k, v, seg)
@@ -323,9 +347,10 @@ def attention(q, k, v, *, heads: int, impl: str | None, mask=None, is_causal: bo
 
     ``impl`` None/'xla'/'cudnn' runs ``jax.nn.dot_product_attention`` (a GPU can select cuDNN flash attention).
     ``impl='splash'`` runs the Pallas TPU splash-attention kernel (``_splash_attention``; any T, S and
-    head_dim, lengths padded to the block size), in Pallas interpret mode off TPU (see ``SPLASH_INTERPRET``) so
-    CPU tests exercise the same kernel code. An explicit ``mask`` is not expressed in splash's static masks:
-    such a call falls back to XLA attention (no call site in this package passes one today).
+    head_dim, lengths padded to the block size), in Pallas interpret mode off TPU (see ``_splash_interpret``) so
+    CPU tests exercise the same kernel code; under a context mesh, in a ``shard_map`` over the batch. An explicit
+    ``mask`` is not expressed in splash's static masks: such a call falls back to XLA attention (no call site in
+    this package passes one today).
     """
     b, tq, d = q.shape
     tk = k.shape[1]

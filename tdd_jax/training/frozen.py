@@ -132,7 +132,7 @@ def _empty_prompt(pipeline_dir: Path, graphdefs: dict, params: dict, mesh: Mesh)
         return {"prompt_embeds": prompt_embeds[0], "pooled_prompt_embeds": pooled[0]}
 
     text_params = {k: params[k] for k in ("text_encoder", "text_encoder_2")}
-    return jax.jit(encode, out_shardings=sharding.replicated(mesh))(text_params)
+    return jax.jit(sharding.traced_on(mesh, encode), out_shardings=sharding.replicated(mesh))(text_params)
 
 
 def abstract_unet(unet_config: dict, opts: ModelOptions = ModelOptions()) -> UNet2DConditionModel:

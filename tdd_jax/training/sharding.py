@@ -9,6 +9,7 @@ other function here derives its ``PartitionSpec`` from it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -81,6 +82,18 @@ def make_mesh(data: int = 1, fsdp: int = -1, devices: Sequence[jax.Device] | Non
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(data, fsdp, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def traced_on(mesh: Mesh, fn):
+    """``fn`` traced with ``mesh`` as JAX's context mesh (``jax.sharding.use_abstract_mesh``): wrap what is
+    jitted with this, so model code that needs the mesh asks JAX for it (splash attention runs its Mosaic kernel,
+    which XLA cannot partition, in a ``shard_map`` over the batch) and stays mesh-free elsewhere."""
+    @functools.wraps(fn)
+    def on_mesh(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return on_mesh
 
 
 def logical_spec(*logical_axes: str | None) -> PartitionSpec:

@@ -152,6 +152,7 @@ class CompiledStep(NamedTuple):
     optimal_seconds: float | None  # the backend's cost-model time for that program; None where it has none
     while_loops: int  # while loops in the optimised program (XLA counts each body once in the two above)
     unpriced_ops: int  # ops the TPU cost model prices at -1 s each (UNPRICED_CUSTOM_CALLS): add them back
+    mosaic_kernels: int  # Pallas TPU kernel calls (e.g. splash attention) in the optimised program
 
 
 @dataclasses.dataclass
@@ -185,7 +186,8 @@ class TrainStep:
         metric_sharding = sharding.replicated(mesh)
         self.init_state = jax.jit(self._init_state, out_shardings=self.state_shardings)
         self.train_step = jax.jit(
-            self.step_fn, in_shardings=(self.state_shardings, base_shardings, sharding.batch_sharding(mesh)),
+            sharding.traced_on(mesh, self.step_fn),
+            in_shardings=(self.state_shardings, base_shardings, sharding.batch_sharding(mesh)),
             out_shardings=(self.state_shardings, metric_sharding), donate_argnums=0)
 
     # --- state ------------------------------------------------------------------------------------------
@@ -461,9 +463,9 @@ def compiled_analysis(compiled) -> dict:
     """{'memory': per-device bytes (argument, output, alias, temp, generated_code, total), 'flops': XLA's FLOPs,
     'optimal_seconds': the backend's cost-model time (the TPU compiler's; None where the backend has none),
     'while_loops': how many while loops the optimised program holds, 'unpriced_ops': how many ops the TPU cost
-    model cannot price} of a compiled program. XLA's FLOPs and optimal_seconds both count a while loop's body once,
-    and optimal_seconds holds -1 s for each unpriced op (``UNPRICED_CUSTOM_CALLS``; ``tests/test_compile_check.py``
-    shows the count and the offset agree)."""
+    model cannot price, 'mosaic_kernels': how many Pallas TPU kernel calls it holds} of a compiled program. XLA's
+    FLOPs and optimal_seconds both count a while loop's body once, and optimal_seconds holds -1 s for each
+    unpriced op (``UNPRICED_CUSTOM_CALLS``; ``tests/test_compile_check.py`` shows the count and the offset agree)."""
     mem = compiled.memory_analysis()
     memory = {name: int(getattr(mem, f"{name}_size_in_bytes", 0) or 0)
               for name in ("argument", "output", "alias", "temp", "generated_code")}
@@ -474,7 +476,9 @@ def compiled_analysis(compiled) -> dict:
     text = compiled.as_text()
     return {"memory": memory, "flops": None if flops is None else float(flops),
             "optimal_seconds": None if seconds is None else float(seconds),
-            "while_loops": text.count(" while("), "unpriced_ops": sum(text.count(f'custom_call_target="{name}"') for name in UNPRICED_CUSTOM_CALLS)}
+            "while_loops": text.count(" while("),
+            "unpriced_ops": sum(text.count(f'custom_call_target="{name}"') for name in UNPRICED_CUSTOM_CALLS),
+            "mosaic_kernels": text.count('custom_call_target="tpu_custom_call"')}
 
 
 def compile_train_step(step: TrainStep, batch_shapes: dict) -> CompiledStep:

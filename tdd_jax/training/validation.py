@@ -61,7 +61,8 @@ class Validator:
         prompts = list(cfg.validation.prompts)
         ids = [conditioning.tokenize(tok, prompts) for tok in conditioning.load_tokenizers(cfg.pipeline_dir)]
         replicated = sharding.replicated(mesh)  # the mesh ``frozen`` was loaded onto
-        embeds, pooled = jax.jit(frozen.encode_prompts, out_shardings=replicated)(frozen.params, *ids)
+        embeds, pooled = jax.jit(sharding.traced_on(mesh, frozen.encode_prompts),
+                                 out_shardings=replicated)(frozen.params, *ids)
         size = cfg.resolution
         ids_6 = np.tile(conditioning.time_ids((size, size), (0, 0), (size, size)), (len(prompts), 1))
         self._cond = conditioning.Cond(embeds, pooled, jnp.asarray(ids_6))
@@ -76,8 +77,8 @@ class Validator:
             columns += [(f"base {n}", teacher_settings(cfg, n), False),
                         (f"{student} {n}", sampler_settings(cfg, n), True)]
         self.column_labels = [label for label, _, _ in columns]
-        self._columns = [(jax.jit(functools.partial(self._render, settings, use_lora), out_shardings=replicated),
-                          use_lora) for _, settings, use_lora in columns]
+        self._columns = [(jax.jit(sharding.traced_on(mesh, functools.partial(self._render, settings, use_lora)),
+                                  out_shardings=replicated), use_lora) for _, settings, use_lora in columns]
         self._fixed: dict[int, np.ndarray] = {}  # column -> images of the columns without LoRA, rendered once
 
     def _render(self, settings: SamplerSettings, use_lora: bool, params: dict, lora: nnx.State,
