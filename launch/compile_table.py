@@ -29,10 +29,10 @@ def _cost_model(part: dict) -> str:
 
 
 def rows(reports: list[dict]) -> list[str]:
-    head = ["| topology | devices | program | images (per device) | GiB per device: args + temp = total of HBM "
+    head = ["| topology | devices | mesh data x fsdp | program | images (per device) | GiB per device: args + temp = total of HBM "
             "| FLOPs per device (XLA's figure) | roofline | images/s | cost model | images/s | compile s "
             "| host peak GiB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     out = []
     for r in reports:
         n = r["num_devices"]
@@ -41,7 +41,8 @@ def rows(reports: list[dict]) -> list[str]:
                 continue
             p = r[part]
             xla = "n/a" if p.get("xla_flops") is None else f"{p['xla_flops']:.2e}"
-            out.append(f"| {r['topology']} | {n} | {label} | {p['images']} ({p['images'] / n:g}) | {_fit(p)} "
+            mesh = r["settings"]["mesh"]
+            out.append(f"| {r['topology']} | {n} | {mesh['data']} x {mesh['fsdp']} | {label} | {p['images']} ({p['images'] / n:g}) | {_fit(p)} "
                        f"| {p['flops']:.3e} ({xla}) | {p['roofline_s'] * 1e3:.0f} ms "
                        f"| {p['roofline_images_per_s']:.1f} | {_cost_model(p)} | {p['compile_s']:.0f} "
                        f"| {r.get('host_peak_rss_gib', float('nan')):.1f} |")
