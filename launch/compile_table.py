@@ -36,7 +36,8 @@ def rows(reports: list[dict]) -> list[str]:
     out = []
     for r in reports:
         n = r["num_devices"]
-        for part, label in (("train_step", "TDD train step"), ("sampler", "sampler + VAE decode")):
+        step_label = f"TDD train step, {r.get('batch_kind', 'pixels')}"  # reports before batch_kind: pixels
+        for part, label in (("train_step", step_label), ("sampler", "sampler + VAE decode")):
             if "memory" not in r.get(part, {}):  # absent, or counted without compiling
                 continue
             p = r[part]
