@@ -29,9 +29,9 @@ def _cost_model(part: dict) -> str:
 
 
 def rows(reports: list[dict]) -> list[str]:
-    head = ["| topology | devices | mesh data x fsdp | program | images (per device) | GiB per device: args + temp = total of HBM "
-            "| FLOPs per device (XLA's figure) | roofline | images/s | cost model | images/s | compile s "
-            "| host peak GiB |",
+    head = ["| topology | devices | mesh data x fsdp | program | images (per device) "
+            "| GiB per device: args + temp = total of HBM | FLOPs per device (XLA's figure) | roofline | images/s "
+            "| cost model | images/s | compile s | host peak GiB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     out = []
     for r in reports:
@@ -43,7 +43,8 @@ def rows(reports: list[dict]) -> list[str]:
             p = r[part]
             xla = "n/a" if p.get("xla_flops") is None else f"{p['xla_flops']:.2e}"
             mesh = r["settings"]["mesh"]
-            out.append(f"| {r['topology']} | {n} | {mesh['data']} x {mesh['fsdp']} | {label} | {p['images']} ({p['images'] / n:g}) | {_fit(p)} "
+            out.append(f"| {r['topology']} | {n} | {mesh['data']} x {mesh['fsdp']} | {label} "
+                       f"| {p['images']} ({p['images'] / n:g}) | {_fit(p)} "
                        f"| {p['flops']:.3e} ({xla}) | {p['roofline_s'] * 1e3:.0f} ms "
                        f"| {p['roofline_images_per_s']:.1f} | {_cost_model(p)} | {p['compile_s']:.0f} "
                        f"| {r.get('host_peak_rss_gib', float('nan')):.1f} |")

@@ -360,8 +360,9 @@ def format_report(report: dict) -> str:
             if "cost_model_s" in r:
                 lines.append(f"    the compiler's cost model: {r['cost_model_s'] * 1e3:.0f} ms = "
                              f"{r['cost_model_images_per_s']:.2f} images/s (its own figure "
-                             f"{r['xla_optimal_s'] * 1e3:.1f} ms books -1 s for each of {r.get('unpriced_ops', 0)} unpriced ops "
-                             f"and prices {r['while_loops']} while loops' bodies once)")
+                             f"{r['xla_optimal_s'] * 1e3:.1f} ms books -1 s for each of "
+                             f"{r.get('unpriced_ops', 0)} unpriced ops and prices {r['while_loops']} while loops' "
+                             "bodies once)")
             elif r.get("xla_optimal_s") is not None:
                 lines.append(f"    the compiler's cost model could not price this program ({r['xla_optimal_s']:.3g})")
         if "flop_accounting" in r:
