@@ -22,8 +22,9 @@ Stages, each resumable (kill and rerun: a finished student, sample set, feature 
    |Δ| per pixel, 0-1, to the teacher control's image from the same prompt and noise), and the artefact measures
    ``clipped_share`` and ``mean_saturation`` (``tdd_jax.evaluation.artefacts``), read beside the teacher's.
 4. tables (``OUT/table.{md,csv,json}``, ``OUT/grid.png``): each cell is mean ± std (ddof=1) over training seeds;
-   each table's claims are comparisons "A vs B" paired by seed, a win only when a paired t-test over seeds
-   rejects equality at 5 % two-sided (``tdd_jax.evaluation.seed_stats``), else "not resolved".
+   each table's comparisons "A vs B" are paired by seed, a win only when a paired t-test over seeds rejects
+   equality at 5 % two-sided (``tdd_jax.evaluation.seed_stats``), else "not resolved"; each of the paper's claims
+   (``Claim``) is held, not held or not resolved on one metric fixed in advance (``DECISIVE_METRIC``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import numpy as np
 from configs.methods import set_field
 from tdd_jax.atomic import atomic_file
 from tdd_jax.diffusion.sampler import SamplerSettings
-from tdd_jax.evaluation.seed_stats import format_mean_std, mean_std, paired_difference
+from tdd_jax.evaluation.seed_stats import claim_verdict, format_mean_std, mean_std, paired_difference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,6 +103,12 @@ COST_IMAGE_S = 0.045  # per image and set: text encoders and VAE decoder
 COST_UNET_CALL_S = 0.0063  # one image through one UNet call (CFG: two calls)
 COST_FEATURES_S = {"emoji": 0.0005, "inception": 0.26}  # one image's features
 
+# The metric that decides a claim, fixed before the grid ran: the distillation metric (FID to the teacher control
+# the row approximates) in the feature space every table has. FID to real emoji is not it: the 25-step teacher
+# itself scores worst there, so it rewards leaving the teacher. Artefact claims use clipped_share instead.
+DECISIVE_METRIC = "fid_teacher_emoji"
+ARTEFACT_METRIC = "clipped_share"
+
 
 # ---------------------------------------------------------------------------------------------------- variants
 
@@ -157,6 +164,18 @@ class Row:
     teacher_cfg: float  # the CFG of the teacher control this row is compared with
 
 
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A claim of the paper, as "A beats B" (``kind`` 'wins') or "A is no worse than B" ('no_loss') over the given
+    row pairs at every step count both rows have, decided on one metric (``seed_stats.claim_verdict``). The
+    metric of each claim was fixed here before any result of the grid was seen; the others are shown beside it."""
+
+    text: str
+    pairs: tuple[tuple[str, str], ...]
+    metric: str = DECISIVE_METRIC
+    kind: str = "wins"
+
+
 @dataclasses.dataclass
 class Table:
     name: str
@@ -166,6 +185,7 @@ class Table:
     comparisons: list[tuple[str, str]]  # (label A, label B): A vs B at every step count both have
     features: tuple[str, ...] = ("emoji",)
     artefacts: bool = False  # show clipped_share and mean_saturation
+    claims: list[Claim] = dataclasses.field(default_factory=list)
 
 
 def student_row(label: str, name: str, steps, *, gamma: float | None = None, cfg: float | None = None,
@@ -204,58 +224,93 @@ def build_tables(names, steps, ablation_steps, features: dict[str, tuple[str, ..
             comparisons = [("TDD", "TCD"), ("TDD γ=0.2", "TCD γ=0.3"), ("TDD", "PCM"), ("TDD", "LCM"),
                            ("TDD-adv", "TDD"), ("TDD non-equidistant", "TDD"), ("TDD γ=0.2", "TDD"),
                            (f"TDD w'={w:g}, CFG {TUNED_SCALES[0]}", teacher_label(TUNED_SCALES[0]))]
-            table = Table(name, "Table 1: methods at their published samplers", list(steps), rows, comparisons)
+            claims = [Claim("TDD beats TCD, deterministic sampling (γ = 0)", (("TDD", "TCD"),)),
+                      Claim("TDD beats TCD, each at its published γ (Table 1)", (("TDD γ=0.2", "TCD γ=0.3"),)),
+                      Claim("TDD beats PCM (Table 1)", (("TDD", "PCM"),)),
+                      Claim("TDD beats LCM (Table 1)", (("TDD", "LCM"),)),
+                      Claim("TDD-adv beats TDD (Table 1)", (("TDD-adv", "TDD"),)),
+                      Claim("the non-equidistant schedule (Ours*) beats the equidistant one at 5-7 steps",
+                            (("TDD non-equidistant", "TDD"),))]
+            table = Table(name, "Table 1: methods at their published samplers", list(steps), rows, comparisons,
+                          claims=claims)
         elif name == "target":
             rows = [student_row(f"{label[m]} γ={g:g}", m, steps, gamma=g)
                     for g in (0.0, 0.2) for m in ("pcm", "tdd_eta0", "tdd")]
             comparisons = [pair for g in (0.2, 0.0) for pair in (
                 (f"TDD γ={g:g}", f"PCM γ={g:g}"), (f"TDD η=0 γ={g:g}", f"PCM γ={g:g}"),
                 (f"TDD γ={g:g}", f"TDD η=0 γ={g:g}"))]
+            claims = [Claim("TDD's 4-8 mappings beat PCM's single 4-step mapping at every step count under γ = 0.2 "
+                            "(Fig. 5)", (("TDD γ=0.2", "PCM γ=0.2"),)),
+                      Claim("the offset η = 0.3 beats η = 0 under γ = 0.2 (Fig. 5)", (("TDD γ=0.2", "TDD η=0 γ=0.2"),)),
+                      Claim("η = 0.3 costs nothing against η = 0 under γ = 0 ('balanced', Fig. 5)",
+                            (("TDD γ=0", "TDD η=0 γ=0"),), kind="no_loss")]
             table = Table(name, "Ablation 1, target selection (Fig. 5): PCM's single 4-step mapping vs TDD's "
-                          "4-8 mappings with η = 0 and η = 0.3 (TDD)", list(steps), rows, comparisons)
+                          "4-8 mappings with η = 0 and η = 0.3 (TDD)", list(steps), rows, comparisons, claims=claims)
         elif name == "guidance":
             rows = [student_row(f"{label[m]}, CFG {c:g}", m, ablation_steps, cfg=c)
                     for c in (ARTEFACT_CFG, 1.0) for m in ("tdd_rho0", "tdd", "tdd_official")]
             comparisons = [pair for c in (ARTEFACT_CFG, 1.0) for pair in (
                 (f"TDD, CFG {c:g}", f"TDD ρ=0, CFG {c:g}"), (f"TDD, CFG {c:g}", f"TDD official guidance, CFG {c:g}"))]
+            pair = ((f"TDD, CFG {ARTEFACT_CFG:g}", f"TDD ρ=0, CFG {ARTEFACT_CFG:g}"),)
+            claims = [Claim(f"decoupled guidance ρ = 0.2 is more stable than ρ = 0 at CFG {ARTEFACT_CFG:g} (closer to "
+                            "the teacher, Fig. 6a)", pair),
+                      Claim(f"… with fewer artefacts (pinned pixels) at CFG {ARTEFACT_CFG:g} (Fig. 6a)", pair,
+                            metric=ARTEFACT_METRIC)]
             table = Table(name, "Ablation 2, decoupled guidance (Fig. 6a): ρ = 0 vs ρ = 0.2 (TDD, decoupled) vs "
                           "'official' mode, sampled with CFG", list(ablation_steps), rows, comparisons,
-                          artefacts=True)
+                          artefacts=True, claims=claims)
         elif name == "tuning":
-            rows, comparisons = [], []
+            rows, comparisons, claims = [], [], []
             for m in ("tdd", "tcd", "pcm"):
                 wm = training_guidance(m)
+                pairs = []
                 for s in TUNED_SCALES:
                     tuned, plain = f"{label[m]} w'={wm:g}, CFG {s:g}", f"{label[m]} CFG {s:g}"
                     rows += [student_row(tuned, m, ablation_steps, cfg=s, w_prime=wm),
                              student_row(plain, m, ablation_steps, cfg=s)]
                     comparisons += [(tuned, plain), (tuned, teacher_label(s))]
+                    pairs.append((tuned, plain))
+                claims.append(Claim(f"tuning (w' = {wm:g}) keeps the guided {label[m]} student's CFG "
+                                    f"{' and '.join(f'{s:g}' for s in TUNED_SCALES)} from overexposing (Fig. 6b)",
+                                    tuple(pairs), metric=ARTEFACT_METRIC))
             table = Table(name, "Ablation 3, guidance-scale tuning (Eq. 13/14, Fig. 6b): tuned vs plain CFG s, "
-                          "each against the teacher at its effective CFG", list(ablation_steps), rows, comparisons)
+                          "each against the teacher at its effective CFG", list(ablation_steps), rows, comparisons,
+                          artefacts=True, claims=claims)
         elif name == "clip":
-            rows, comparisons = [], []
+            rows, comparisons, claims = [], [], []
             for tuned in (True, False):
                 head = f"TDD w'={w:g}, CFG {LOW_CFG:g}" if tuned else f"TDD CFG {LOW_CFG:g}"
                 rows += [student_row(f"{head}, clip {k}", "tdd", ablation_steps, cfg=LOW_CFG,
                                      w_prime=w if tuned else None, clip_steps=k) for k in CLIP_STEPS]
-                comparisons += [(f"{head}, clip {k}", f"{head}, clip 0") for k in CLIP_STEPS[1:]]
+                pairs = [(f"{head}, clip {k}", f"{head}, clip 0") for k in CLIP_STEPS[1:]]
+                comparisons += pairs
+                claims.append(Claim(f"x0 clipping on the first steps improves {'tuned' if tuned else 'plain'} CFG "
+                                    f"{LOW_CFG:g} samples (closer to the teacher, Fig. 7)", tuple(pairs)))
             table = Table(name, "Ablation 4, x0 clipping (Fig. 7) at low CFG: dynamic thresholding on the first "
-                          "0/1/2 steps", list(ablation_steps), rows, comparisons, artefacts=True)
+                          "0/1/2 steps", list(ablation_steps), rows, comparisons, artefacts=True, claims=claims)
         elif name == "budget":
             rows = [student_row(f"{label[m]} γ={g:g}", m, ablation_steps, gamma=g)
                     for m in ("tdd", "tcd", "tdd_x4", "tcd_x4") for g in sorted({0.0, published_gamma(m)})]
             comparisons = [("TDD γ=0", "TCD γ=0"), ("TDD γ=0.2", "TCD γ=0.3"), ("TDD 4× steps γ=0", "TCD 4× steps γ=0"),
                            ("TDD 4× steps γ=0.2", "TCD 4× steps γ=0.3"), ("TDD 4× steps γ=0", "TDD γ=0"),
                            ("TCD 4× steps γ=0", "TCD γ=0")]
+            claims = [Claim("TDD beats TCD at 4× the training steps, γ = 0",
+                            (("TDD 4× steps γ=0", "TCD 4× steps γ=0"),)),
+                      Claim("TDD beats TCD at 4× the training steps, each at its published γ",
+                            (("TDD 4× steps γ=0.2", "TCD 4× steps γ=0.3"),))]
             table = Table(name, "Budget: TDD and TCD at 1× and 4× the training steps", list(ablation_steps), rows,
-                          comparisons)
+                          comparisons, claims=claims)
         else:
             raise ValueError(f"--tables: unknown table {name!r}; expected some of {TABLES}")
         labels = {r.label for r in table.rows} | {teacher_label(r.teacher_cfg) for r in table.rows}
         unknown = {label for pair in table.comparisons for label in pair} - labels
         assert not unknown, f"table {name}: comparisons name rows it does not have: {sorted(unknown)}"
+        unclaimed = {p for c in table.claims for p in c.pairs} - set(table.comparisons)
+        assert not unclaimed, f"table {name}: claims on pairs it does not compare: {sorted(unclaimed)}"
         table.rows = [r for r in table.rows if r.variant in variants and r.settings]
         table.rows += [Row(teacher_label(c), None, {}, c) for c in sorted({r.teacher_cfg for r in table.rows})]
+        kept = {r.label for r in table.rows}
+        table.claims = [c for c in table.claims if all(label in kept for p in c.pairs for label in p)]
         table.features = features.get(name, features.get("", ("emoji",)))
         tables.append(table)
     return tables
@@ -537,7 +592,30 @@ def collect(table: Table, seeds, scores: dict[str, dict]) -> tuple[list[dict], l
     return cells, comparisons
 
 
-def markdown(table: Table, cells, comparisons, command: str) -> list[str]:
+def decide_claims(table: Table, comparisons: list[dict]) -> list[dict]:
+    """Each claim's verdict on its own metric, and what the table's other ranked metrics (KID aside: it ranks as
+    FID does) would say of it."""
+    better = {column: b for column, _, _, b in table_metrics(table)
+              if b is not None and not column.startswith("kid")}
+    decided = []
+    for claim in table.claims:
+        if claim.metric not in better:
+            raise ValueError(f"table {table.name}: claim {claim.text!r} is decided on {claim.metric!r}, which the "
+                             f"table does not rank (it ranks {sorted(better)})")
+        verdicts = {}
+        for column in better:
+            found = [c for c in comparisons if (c["a"], c["b"]) in claim.pairs and c["metric"] == column]
+            if found:
+                verdicts[column] = claim_verdict([c["winner"] for c in found], claim.kind,
+                                                 testable=all(c["n"] > 1 for c in found))
+        if claim.metric not in verdicts:
+            raise ValueError(f"table {table.name}: claim {claim.text!r} has no comparison on {claim.metric}")
+        decided.append({"table": table.name, "claim": claim.text, "pairs": [list(p) for p in claim.pairs],
+                        "metric": claim.metric, "kind": claim.kind, **verdicts.pop(claim.metric), "others": verdicts})
+    return decided
+
+
+def markdown(table: Table, cells, comparisons, claims, command: str) -> list[str]:
     formats = {column: fmt for column, _, fmt, _ in table_metrics(table)}
     by_cell = {(c["row"], c["steps"], c["metric"]): c for c in cells}
     lines = [f"## {table.title}", ""]
@@ -554,6 +632,18 @@ def markdown(table: Table, cells, comparisons, command: str) -> list[str]:
             c = by_cell[row.label, table.steps[0], column]
             lines.append(f"| {row.label} | {column} | " + " | ".join([fmt.format(c["mean"])] * len(table.steps))
                          + " |")
+    if claims:
+        lines += ["", "Claims, each decided on the metric named (fixed before the grid ran): 'wins' is held when A "
+                  "wins every comparison of its pairs and step counts, 'no loss' when B wins none; one win of B makes "
+                  "it not held. A/B: comparisons won by each, of n.", "",
+                  "| claim | A vs B | metric | verdict | A/B of n | the other metrics |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for c in claims:
+            others = "; ".join(f"{m}: {v['verdict']} ({v['a']}/{v['b']} of {v['n']})" for m, v in c["others"].items())
+            pairs = ", ".join(f"{a} vs {b}" for a, b in c["pairs"])
+            kind = "" if c["kind"] == "wins" else " (no loss)"
+            lines.append(f"| {c['claim']} | {pairs} | {c['metric']}{kind} | **{c['verdict']}** | "
+                         f"{c['a']}/{c['b']} of {c['n']} | {others} |")
     if comparisons:
         lines += ["", "Comparisons (mean ± std over seeds of A − B; a win needs a paired t-test over seeds at 5 %):",
                   "", "| A vs B | steps | metric | A − B | verdict |", "| --- | --- | --- | --- | --- |"]
@@ -565,14 +655,16 @@ def markdown(table: Table, cells, comparisons, command: str) -> list[str]:
 
 
 def write_outputs(out: Path, tables: list[Table], seeds, scores, commands: dict[str, str]) -> None:
-    all_cells, all_comparisons, md = [], [], []
+    all_cells, all_comparisons, all_claims, md = [], [], [], []
     for table in tables:
         cells, comparisons = collect(table, seeds, scores)
+        claims = decide_claims(table, comparisons)
         all_cells += cells
         all_comparisons += comparisons
-        md += markdown(table, cells, comparisons, commands[table.name])
+        all_claims += claims
+        md += markdown(table, cells, comparisons, claims, commands[table.name])
     write_json(out / "table.json", {"seeds": list(seeds), "cells": all_cells, "comparisons": all_comparisons,
-                                    "commands": commands})
+                                    "claims": all_claims, "commands": commands})
     buffer = io.StringIO()
     fields = ["table", "row", "variant", "steps", "metric", "mean", "std", "n", "values"]
     writer = csv.DictWriter(buffer, fields)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tdd_jax.evaluation.seed_stats import format_mean_std, mean_std, paired_difference
+from tdd_jax.evaluation.seed_stats import claim_verdict, format_mean_std, mean_std, paired_difference
 
 
 def test_mean_std_is_sample_std():
@@ -65,3 +65,16 @@ def test_bad_inputs_are_refused():
 def test_format_mean_std():
     assert format_mean_std(12.345, 0.5, "{:.2f}") == "12.35 ± 0.50"
     assert format_mean_std(12.345, math.nan, "{:.2f}") == "12.35"
+
+
+def test_claim_verdict_rules():
+    assert claim_verdict(["a", "a", "a"])["verdict"] == "held"
+    assert claim_verdict(["a", None, "a"]) == {"verdict": "not resolved", "a": 2, "b": 0, "n": 3}
+    assert claim_verdict(["a", "b", "a"])["verdict"] == "not held"  # one loss sinks it, wins elsewhere or not
+    assert claim_verdict([None, None], "no_loss")["verdict"] == "held"
+    assert claim_verdict([None, "b"], "no_loss") == {"verdict": "not held", "a": 0, "b": 1, "n": 2}
+    assert claim_verdict([None, None], "no_loss", testable=False)["verdict"] == "not resolved"  # one seed
+    with pytest.raises(ValueError, match="kind 'beats'"):
+        claim_verdict(["a"], "beats")
+    with pytest.raises(ValueError, match="at least one"):
+        claim_verdict([])

@@ -92,3 +92,36 @@ def test_quick_grid_end_to_end_and_resumes(tmp_path):
     assert (out / "table.md").read_text() == md
     left = plan(out, "--quick")
     assert all(units[1] == "0" for name, units in left.items() if name != "total"), left
+
+
+def test_claims_are_decided_on_their_metric_over_every_pair_and_step(tmp_path):
+    """Ablation 1's claims on made-up per-seed scores: a clear win at both step counts is held, a loss at one
+    step count sinks a 'wins' claim, seed noise around zero holds a 'no loss' claim but resolves nothing."""
+    from launch.table1 import Plan, build_tables, set_id, write_outputs
+    table = build_tables(["target"], [4, 8], [4, 8], {"target": ("emoji",)}, {"pcm", "tdd", "tdd_eta0"})[0]
+    seeds = [0, 1, 2]
+    noise = {0: 0.3, 1: -0.2, 2: -0.1}
+    fid = {("TDD γ=0.2", 4): 10.0, ("TDD γ=0.2", 8): 10.0, ("PCM γ=0.2", 4): 14.0, ("PCM γ=0.2", 8): 13.0,
+           ("TDD η=0 γ=0.2", 4): 12.0, ("TDD η=0 γ=0.2", 8): 8.0,  # η = 0.3 wins at 4 steps, loses at 8
+           ("TDD γ=0", 4): 11.0, ("TDD γ=0", 8): 11.0, ("TDD η=0 γ=0", 4): 11.0, ("TDD η=0 γ=0", 8): 11.0,
+           ("PCM γ=0", 4): 12.0, ("PCM γ=0", 8): 12.0}
+    scores = {}
+    for key, (row, seed, n) in Plan.of([table], seeds, None).sets.items():
+        value = 0.0 if row.variant is None else fid[row.label, n] + noise[seed] * (1 + (row.label == "TDD γ=0"))
+        scores[key] = {"fid/teacher_cfg8/emoji": value, "kid/teacher_cfg8/emoji": value / 100,
+                       "fid/real/emoji": 50.0 - value, "kid/real/emoji": 0.5, "prompt_accuracy": 0.1,
+                       "teacher_mad/teacher_cfg8": value / 100}
+    write_outputs(tmp_path, [table], seeds, scores, {"target": "python3 launch/table1.py --tables=target"})
+    claims = {c["claim"].split(" (")[0]: c for c in json.loads((tmp_path / "table.json").read_text())["claims"]}
+    assert len(claims) == 3 and all(c["metric"] == "fid_teacher_emoji" for c in claims.values())
+    mappings = claims["TDD's 4-8 mappings beat PCM's single 4-step mapping at every step count under γ = 0.2"]
+    assert (mappings["verdict"], mappings["a"], mappings["b"], mappings["n"]) == ("held", 2, 0, 2)
+    # FID to real runs the other way in these made-up scores: there PCM wins, and the table says so beside
+    assert mappings["others"]["fid_real_emoji"]["verdict"] == "not held"
+    offset = claims["the offset η = 0.3 beats η = 0 under γ = 0.2"]
+    assert (offset["verdict"], offset["a"], offset["b"]) == ("not held", 1, 1)
+    balanced = claims["η = 0.3 costs nothing against η = 0 under γ = 0"]
+    assert balanced["kind"] == "no_loss" and (balanced["verdict"], balanced["a"], balanced["b"]) == ("held", 0, 0)
+    md = (tmp_path / "table.md").read_text()
+    assert re.search(r"\| TDD's 4-8 mappings .* \| TDD γ=0\.2 vs PCM γ=0\.2 \| fid_teacher_emoji \| \*\*held\*\* \| "
+                     r"2/0 of 2 \| fid_real_emoji: not held \(0/2 of 2\); prompt_accuracy", md), md  # no KID beside FID

@@ -5,7 +5,8 @@ compared paired by training seed (same seed, same sampling noises), on the diffe
 is *resolved* only when a two-sided paired t-test over the seeds rejects mean(d) = 0 at 5 %, i.e.
 |mean d| > t_{0.975, n−1} · std(d) / √n. Otherwise it is "not resolved", however large the mean looks: with 3 seeds
 the threshold is 4.30 standard errors. A constant b (a teacher control, one sample set for all seeds) makes
-this the one-sample test of a against it.
+this the one-sample test of a against it. A claim ("A beats B at 4-8 steps") is decided over all its comparisons
+by ``claim_verdict``: held only when A wins every one, not held when B wins any.
 """
 
 from __future__ import annotations
@@ -56,3 +57,28 @@ def format_mean_std(mean: float, std: float, fmt: str) -> str:
     if math.isnan(std):
         return fmt.format(mean)
     return f"{fmt.format(mean)} ± {fmt.format(std)}"
+
+
+CLAIM_KINDS = ("wins", "no_loss")
+
+
+def claim_verdict(winners: Sequence[str | None], kind: str = "wins", testable: bool = True) -> dict:
+    """Decide a claim "A beats B" (``kind='wins'``) or "A is no worse than B" (``'no_loss'``) from the winners of its
+    comparisons (one per pair and step count: 'a', 'b' or None for not resolved).
+
+    'wins' is held only when A wins every comparison; 'no_loss' when B wins none. Either is 'not held' as soon as
+    B wins one, and 'not resolved' otherwise (or when ``testable`` is False: fewer than two seeds, no test ran).
+    Returns {'verdict', 'a', 'b', 'n'}: the verdict and how many comparisons each side won, of n.
+    """
+    if kind not in CLAIM_KINDS:
+        raise ValueError(f"claim kind {kind!r} must be one of {CLAIM_KINDS}")
+    if not winners:
+        raise ValueError("claim_verdict needs at least one comparison")
+    a, b = sum(w == "a" for w in winners), sum(w == "b" for w in winners)
+    if b:
+        verdict = "not held"
+    elif testable and (kind == "no_loss" or a == len(winners)):
+        verdict = "held"
+    else:
+        verdict = "not resolved"
+    return {"verdict": verdict, "a": a, "b": b, "n": len(winners)}
