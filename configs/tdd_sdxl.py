@@ -80,6 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.adv.weight_decay = 1e-3
     cfg.adv.grad_clip = 1.0  # PCM clips the heads' gradients with the trainer's max_grad_norm
     cfg.adv.window = 250  # discriminator timestep ~ U{tau .. min(tau + 250, T) - 1} (PCM: T / 4 phases)
+    cfg.adv.head_groups = 32  # GroupNorm groups in every head layer (PCM: 32; 10-40 channels a group on SDXL)
 
     cfg.batch = ml_collections.ConfigDict()
     cfg.batch.global_batch = 512  # = per-device batch x devices x grad_accum (official: 16 x 8 GPUs x 4)

@@ -25,13 +25,15 @@ from tdd_jax.models.unet import UNet2DConditionModel
 from tdd_jax.training import sharding
 from tdd_jax.training.adversarial import DiscriminatorHead
 from tdd_jax.training.checkpointing import Checkpointer
+from tdd_jax.training.config import ConfigError
 from tdd_jax.training.state import TrainState
 from tdd_jax.training.step import compile_train_step
 
 REPO = Path(__file__).resolve().parents[1]
 # AdamW with eps = 1: the first update is ≈ −lr·g/(1 + |g|), smooth in the gradient (see the λ = 0 test).
 SMOOTH = {"optim.eps": 1.0, "optim.lr": 1.0}
-ADV = {"adv.enabled": True, "adv.lr": 1e-2, **SMOOTH}
+# 4 groups: 8 channels a group on this 32-channel UNet (see the probe test for what 32 groups do here).
+ADV = {"adv.enabled": True, "adv.lr": 1e-2, "adv.head_groups": 4, **SMOOTH}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +109,7 @@ def test_encoder_features_match_diffusers_down_and_mid_blocks(tiny_pipeline_dir)
 
 def test_head_matches_pcm_head_in_pytorch():
     channels = 64
-    head = DiscriminatorHead(channels, rngs=nnx.Rngs(0))
+    head = DiscriminatorHead(channels, 32, rngs=nnx.Rngs(0))
     # Non-trivial norm affine parameters, so that a swapped or missing one shows.
     rng = np.random.default_rng(1)
     for norm in (head.norm1, head.norm2):
@@ -314,3 +316,33 @@ def test_checkpoint_from_before_the_heads_restores(tmp_path):
     with pytest.raises(CheckpointError, match="heads"):  # an adversarial run cannot resume it as its own
         ckpt.restore(make_state(0, ema=True).replace(heads={"w": jnp.zeros(3)}, heads_opt_state={"m": jnp.zeros(3)}))
     ckpt.close()
+
+
+def test_probe_heads_see_a_magnified_gap_and_not_an_absent_one(adv, pipeline_dir, mesh, batch):
+    """launch/adv_probe.py: with fake = target (gap 0) both sides are one distribution and fresh heads stay at
+    chance; with the untrained LoRA's gap to its target (the unguided teacher's jump against the guided step's
+    target) made 300× larger (SNR ~4), heads of 8 channels a group learn it within 40 updates, and heads of one
+    channel a group (PCM's 32 groups on this 32-channel UNet) do not: they cannot see it."""
+    from launch.adv_probe import heads_optimizer, make_update, probe
+    batches = [(batch, jax.random.split(jax.random.PRNGKey(i), 4)) for i in range(40)]
+
+    def run(step, params, gaps):
+        lora = step.init_state(jax.random.PRNGKey(0)).lora
+        tx = heads_optimizer(step.cfg, 1e-2)
+        update = make_update(step, tx)
+        return [probe(step, params, lora, batches, gap, tx, update) for gap in gaps]
+
+    frozen, step, _ = adv
+    absent, magnified = run(step, frozen.params, (0.0, 300.0))
+    assert absent["snr_median"] == 0 and magnified["snr_median"] > 2
+    assert absent["d_loss"] > 1.8 and absent["accuracy"] < 0.6, absent
+    assert magnified["d_loss"] < 1.5 and magnified["accuracy"] > 0.7, magnified
+    frozen, step = setup(step_config(**{**ADV, "adv.head_groups": 32}), pipeline_dir, mesh, encoders=False)
+    blind, = run(step, frozen.params, (300.0,))
+    assert blind["d_loss"] > 1.9 and blind["accuracy"] < 0.6, blind
+
+
+def test_head_groups_must_divide_every_level(pipeline_dir, mesh):
+    with pytest.raises(ConfigError, match="adv.head_groups: 3 must divide every discriminator head's width; this "
+                                          "UNet has a 32-channel feature level"):
+        setup(step_config(**{**ADV, "adv.head_groups": 3}), pipeline_dir, mesh, encoders=False)

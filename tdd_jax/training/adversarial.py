@@ -5,7 +5,10 @@ step already holds (the teacher graphdef, LoRA off; no second copy of any UNet w
 head per feature level (SDXL: 320, 640, 1280, 1280 channels): 1×1 conv → GroupNorm(32) → LeakyReLU, 1×1 conv →
 GroupNorm(32) → LeakyReLU plus a residual, 1×1 conv → 1 logit per position (PCM's discriminator_sdxl.py, channel
 width kept). Only the heads train; gradients of the generator's term flow through the frozen encoder into the
-student.
+student. The group count is ``adv.head_groups`` (PCM's 32: 10-40 channels a group on SDXL). With one or two
+channels a group, as 32 groups give on a UNet 32-128 channels wide, each group is standardised over positions
+per example, so a head's mean logit hardly depends on its input and the hinge loss stays at 2 whatever the two
+sides look like (``launch/adv_probe.py`` measures it).
 
 Per example, a discriminator timestep gan_t ~ U{τ .. min(τ + window, T) − 1}; the student's prediction at τ
 (fake) and the target at τ (real) are each re-noised τ → gan_t with independent noise,
@@ -26,12 +29,12 @@ from flax import nnx
 from tdd_jax.conditioning import Cond
 from tdd_jax.diffusion.schedule import NoiseSchedule, expand_like
 from tdd_jax.models.layers import Conv2d, GroupNorm, ModelOptions
+from tdd_jax.training.config import ConfigError
 from tdd_jax.training.frozen import FrozenPipeline
 
 # The adversarial draws of an example come from its own key folded with this constant, so that turning the
 # term on leaves every other draw of the step (n, τ, noise, w, dropped captions) exactly as it was.
 ADV_STREAM = 0xAD5
-HEAD_GROUPS = 32  # GroupNorm groups of every head layer (PCM)
 LEAKY_SLOPE = 0.01  # torch.nn.LeakyReLU's default, as PCM's heads use it
 HEAD_OPTS = ModelOptions(dtype=jnp.float32, param_dtype=jnp.float32)  # heads are tiny: always fp32
 
@@ -39,11 +42,14 @@ HEAD_OPTS = ModelOptions(dtype=jnp.float32, param_dtype=jnp.float32)  # heads ar
 class DiscriminatorHead(nnx.Module):
     """One feature level's head: (B, h, w, C) features -> (B, h, w, 1) logits."""
 
-    def __init__(self, channels: int, *, rngs: nnx.Rngs):
+    def __init__(self, channels: int, groups: int, *, rngs: nnx.Rngs):
+        if channels % groups:
+            raise ConfigError(f"adv.head_groups: {groups} must divide every discriminator head's width; this UNet "
+                              f"has a {channels}-channel feature level")
         self.conv1 = Conv2d(channels, channels, 1, opts=HEAD_OPTS, rngs=rngs)
-        self.norm1 = GroupNorm(HEAD_GROUPS, channels, opts=HEAD_OPTS)
+        self.norm1 = GroupNorm(groups, channels, opts=HEAD_OPTS)
         self.conv2 = Conv2d(channels, channels, 1, opts=HEAD_OPTS, rngs=rngs)
-        self.norm2 = GroupNorm(HEAD_GROUPS, channels, opts=HEAD_OPTS)
+        self.norm2 = GroupNorm(groups, channels, opts=HEAD_OPTS)
         self.conv_out = Conv2d(channels, 1, 1, opts=HEAD_OPTS, rngs=rngs)
 
     def __call__(self, x):
@@ -55,8 +61,8 @@ class DiscriminatorHead(nnx.Module):
 class DiscriminatorHeads(nnx.Module):
     """The trainable part of the discriminator: one head per encoder feature level."""
 
-    def __init__(self, channels: Sequence[int], *, rngs: nnx.Rngs):
-        self.heads = nnx.List([DiscriminatorHead(c, rngs=rngs) for c in channels])
+    def __init__(self, channels: Sequence[int], groups: int, *, rngs: nnx.Rngs):
+        self.heads = nnx.List([DiscriminatorHead(c, groups, rngs=rngs) for c in channels])
 
     def __call__(self, features: Sequence[jax.Array]) -> list[jax.Array]:
         if len(features) != len(self.heads):
@@ -93,18 +99,19 @@ class Adversary:
     g_weight: float
     window: int
     channels: tuple[int, ...]  # of the encoder's feature levels, one head each
+    groups: int  # GroupNorm groups of every head layer
     graphdef: nnx.GraphDef
     tx: optax.GradientTransformation
 
     @classmethod
     def build(cls, cfg, frozen: FrozenPipeline, schedule: NoiseSchedule) -> Adversary:
-        channels = frozen.teacher(frozen.params).feature_channels
-        graphdef = nnx.split(nnx.eval_shape(lambda: DiscriminatorHeads(channels, rngs=nnx.Rngs(0))))[0]
+        channels, groups = frozen.teacher(frozen.params).feature_channels, int(cfg.adv.head_groups)
+        graphdef = nnx.split(nnx.eval_shape(lambda: DiscriminatorHeads(channels, groups, rngs=nnx.Rngs(0))))[0]
         return cls(frozen=frozen, schedule=schedule, g_weight=float(cfg.adv.g_weight), window=int(cfg.adv.window),
-                   channels=channels, graphdef=graphdef, tx=head_optimizer(cfg.adv))
+                   channels=channels, groups=groups, graphdef=graphdef, tx=head_optimizer(cfg.adv))
 
     def init_heads(self, key: jax.Array) -> nnx.State:
-        return nnx.state(DiscriminatorHeads(self.channels, rngs=nnx.Rngs(key)))
+        return nnx.state(DiscriminatorHeads(self.channels, self.groups, rngs=nnx.Rngs(key)))
 
     def draw(self, key: jax.Array, tau: jax.Array, latent_shape: tuple[int, ...]) -> dict:
         """One example's discriminator timestep and its two independent re-noising draws."""

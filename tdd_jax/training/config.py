@@ -93,6 +93,7 @@ FIELDS = {
     "adv.weight_decay": float,
     "adv.grad_clip": float,
     "adv.window": int,
+    "adv.head_groups": int,
 }
 EXTERNAL = ("data",)  # subtrees validated by their own module
 
@@ -216,6 +217,7 @@ def validate(cfg, *, num_devices: int | None = None, process_count: int | None =
     _require(a.weight_decay >= 0, "adv.weight_decay", f"{a.weight_decay} must be >= 0")
     _require(a.grad_clip >= 0, "adv.grad_clip", f"{a.grad_clip} must be >= 0 (0: no clipping)")
     _require(a.window > 0, "adv.window", f"{a.window} must be > 0 (gan_t ~ U{{tau .. min(tau + window, T) - 1}})")
+    _require(a.head_groups > 0, "adv.head_groups", f"{a.head_groups} must be > 0 (and divide every head's width)")
 
     if check_data:
         _validate_data(cfg, process_count)

@@ -272,13 +272,10 @@ class TrainStep:
         x0_u, eps_u = self.schedule.to_x0_eps(uncond_out, x_next, t_next)
         return ddim_step(self.schedule, guide(x0_c, x0_u, w), guide(eps_c, eps_u, w), t_cur)
 
-    def _microbatch(self, lora, target_lora, heads, base_params, mb: dict, keys: jax.Array, phase: str | None):
-        """({'loss': ..., adversarial losses}, gradients, per-example metrics) of one microbatch.
-
-        phase None: no adversary, LoRA gradients of the consistency loss; 'g': LoRA gradients of consistency +
-        λ·G loss; 'd': heads gradients of the D loss (the student's prediction under stop-gradient).
-        """
-        keys = jax.vmap(jax.random.split)(keys)  # (b, 2, 2): a VAE-draw key and a key for the rest
+    def consistency_target(self, target_lora, base_params, mb: dict, keys: jax.Array):
+        """(x_{t_{n+1}}, the examples' draws, conditioning, target f_θ⁻(x̂_{t_n}, t_n, τ̃)) of a microbatch: all of
+        the consistency loss but the student. ``keys``: (b, 2, 2), each example's VAE-draw key and key for the rest.
+        The draws' ``w`` is the guidance each example got (0 for an emptied caption in 'decoupled' mode)."""
         x0, cond = self._inputs(base_params, mb, keys[:, 0])
         d = jax.vmap(lambda k: self._draw(k, x0.shape[1:]))(keys[:, 1])
         cond, w = self._drop_captions(base_params, cond, d["w"], d["empty"])
@@ -289,12 +286,26 @@ class TrainStep:
         with jax.named_scope("target"):
             target_out = unet_output(self.frozen.unet(base_params, target_lora), x_cur, d["t_cur"], cond)
             target = jax.lax.stop_gradient(self._consistency(target_out, x_cur, d["t_cur"], d["tau"]))
-        per_example = {"tau": d["tau"], "t_n": d["t_cur"], "w": w}
+        return x_next, d | {"w": w}, cond, target
+
+    def student_prediction(self, lora, base_params, x_next: jax.Array, d: dict, cond: Cond) -> jax.Array:
+        """f_θ(x_{t_{n+1}}, t_{n+1}, τ̃): the student's point at the examples' targets."""
+        with jax.named_scope("student"):
+            out = unet_output(self.frozen.unet(base_params, lora), x_next, d["t_next"], cond)
+            return self._consistency(out, x_next, d["t_next"], d["tau"])
+
+    def _microbatch(self, lora, target_lora, heads, base_params, mb: dict, keys: jax.Array, phase: str | None):
+        """({'loss': ..., adversarial losses}, gradients, per-example metrics) of one microbatch.
+
+        phase None: no adversary, LoRA gradients of the consistency loss; 'g': LoRA gradients of consistency +
+        λ·G loss; 'd': heads gradients of the D loss (the student's prediction under stop-gradient).
+        """
+        keys = jax.vmap(jax.random.split)(keys)  # (b, 2, 2): a VAE-draw key and a key for the rest
+        x_next, d, cond, target = self.consistency_target(target_lora, base_params, mb, keys)
+        per_example = {"tau": d["tau"], "t_n": d["t_cur"], "w": d["w"]}
 
         def predict(lora):
-            with jax.named_scope("student"):
-                out = unet_output(self.frozen.unet(base_params, lora), x_next, d["t_next"], cond)
-                return self._consistency(out, x_next, d["t_next"], d["tau"])
+            return self.student_prediction(lora, base_params, x_next, d, cond)
 
         def consistency_loss(pred):
             return distillation_loss(pred, target, self.cfg.loss.kind, float(self.cfg.loss.huber_c))
@@ -304,7 +315,7 @@ class TrainStep:
             return {"loss": loss}, grads, per_example
 
         adv = self.adversary
-        a = jax.vmap(lambda k, tau: adv.draw(k, tau, x0.shape[1:]))(keys[:, 1], d["tau"])
+        a = jax.vmap(lambda k, tau: adv.draw(k, tau, x_next.shape[1:]))(keys[:, 1], d["tau"])
         real = adv.renoise(target, d["tau"], a["gan_t"], a["z_real"])
         logits = lambda h, x: adv.logits(h, base_params, x, a["gan_t"], cond)  # noqa: E731
         per_example["gan_t"] = a["gan_t"]
