@@ -3,6 +3,7 @@ fixed student, on the student–target gap as it is and magnified k times.
 
     python3 launch/adv_probe.py --lora workdirs/table1/students/tdd_adv/seed0
     python3 launch/adv_probe.py --lora workdirs/table1/students/tdd/seed0 --gaps 1,4,16,64 --lrs 1e-3,1e-2
+    python3 launch/adv_probe.py --runs workdirs/adv/lr1e-3 workdirs/adv/lr1e-2   # trained runs' logged D loss
 
 The adversarial term's two sides (``tdd_jax/training/adversarial.py``) are the student's prediction at τ ("fake")
 and its consistency target ("real"), each re-noised τ → gan_t ∈ [τ, τ + window) with independent noise. They
@@ -14,6 +15,9 @@ batches, and reports the D loss and accuracy each batch gets before its own upda
 quarter of the steps; and the gap against the re-noising noise per example, SNR = √r·rms(Δ)/√(2(1 − r)) with
 r = ᾱ(gan_t)/ᾱ(τ) and Δ = prediction − target (the two sides' noises are independent: their difference has
 variance 2(1 − r)). Prints a Markdown table and writes JSON.
+
+``--runs`` instead summarises adversarial training runs (e.g. a sweep of ``--config.adv.lr``) from their
+TensorBoard scalars: the D loss at the start and over the last 40 % of the steps, and the G and consistency losses.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from tdd_jax.training.adversarial import head_optimizer, hinge_d_loss
 from tdd_jax.training.checkpointing import restore_lora
 from tdd_jax.training.frozen import load_frozen
 from tdd_jax.training.loop import tokenizer_fn
+from tdd_jax.training.report import read_scalars
 from tdd_jax.training.step import TrainStep, build_train_step, select_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,9 +111,31 @@ def probe(step: TrainStep, base_params, lora, batches: list[tuple[dict, jax.Arra
             "snr_median": float(gap * np.median(snr)), "snr_p90": float(gap * np.quantile(snr, 0.9))}
 
 
+def run_lines(workdirs: list[str]) -> list[str]:
+    """A Markdown table of adversarial runs' logged losses: D loss over the first 100 steps and over the last
+    40 % (mean and lowest logged value), G hinge loss and consistency loss over the last 40 %."""
+    header = ["run", "steps", "d_loss first 100", "d_loss last 40 %", "lowest d_loss", "g_adv last 40 %",
+              "loss last 40 %"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for workdir in workdirs:
+        logged = read_scalars(workdir)
+        if "d_loss" not in logged:
+            raise SystemExit(f"--runs: {workdir} has no logged d_loss (not an adversarial run, or no event files)")
+        steps = max(logged["d_loss"])
+
+        def mean(tag, low, high):
+            return float(np.mean([v for s, v in logged[tag].items() if low < s <= high]))
+
+        tail = (0.6 * steps, steps)
+        lines.append(f"| {Path(workdir).name} | {steps} | {mean('d_loss', 0, 100):.3f} | {mean('d_loss', *tail):.3f}"
+                     f" | {min(logged['d_loss'].values()):.3f} | {mean('g_adv', *tail):.3f} | {mean('loss', *tail):.4f} |")
+    return lines
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lora", required=True, help="trainer workdir of the student to probe")
+    parser.add_argument("--lora", help="trainer workdir of the student to probe")
+    parser.add_argument("--runs", nargs="+", help="instead: adversarial trainer workdirs to summarise")
     parser.add_argument("--method", default="tdd_adv", help="configs/tdd_tiny.py variant (its adv.* settings)")
     parser.add_argument("--data_dir", default=str(REPO / "workdirs" / "emoji_data"))
     parser.add_argument("--gaps", default="1,4,16,64", help="factors k of the student-target gap")
@@ -118,6 +145,11 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "workdirs" / "adv_probe.json")
     args = parser.parse_args(argv)
+    if args.runs:
+        print("\n".join(run_lines(args.runs)), flush=True)
+        return
+    if not args.lora:
+        parser.error("--lora (a student to probe) or --runs (runs to summarise) is needed")
 
     cfg = get_config(args.method)
     cfg.data.path = args.data_dir
@@ -143,7 +175,7 @@ def main(argv=None) -> None:
     header = ["gap", "lr", "d_loss", "accuracy", "d_loss_first", "snr_median", "snr_p90"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(f"{r[k]:.4g}" for k in header) + " |" for r in rows]
-    lines.append(f"\nstudent {args.lora} (method {meta.get('method')}, step {meta.get('step')}); {args.steps} heads "
+    lines.append(f"\nstudent {args.lora} (target rule {meta.get('method')}, step {meta.get('step')}); {args.steps} heads "
                  f"updates of batch {size} per row, heads of {cfg.adv.head_groups} GroupNorm groups; chance: d_loss 2, "
                  f"accuracy 0.5 (last quarter of the updates).")
     print("\n".join(lines), flush=True)

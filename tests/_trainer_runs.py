@@ -1,4 +1,4 @@
-"""Shared by the tests that run the trainer's command line: a tiny image folder and the scalars it logged."""
+"""Shared by the tests that run the trainer's command line: a tiny image folder."""
 
 from __future__ import annotations
 
@@ -17,17 +17,3 @@ def red_cat_folder(data: Path, count: int) -> Path:
         Image.fromarray(image).save(data / f"{i:02d}.png")
         (data / f"{i:02d}.txt").write_text("a red cat")
     return data
-
-
-def scalars(workdir) -> dict[str, dict[int, float]]:
-    """tag -> {step: value} of the TensorBoard event files the trainer wrote (float32, exactly as computed)."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.util.tensor_util import make_ndarray
-
-    out: dict[str, dict[int, float]] = {}
-    for path in sorted(Path(workdir).glob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                if value.HasField("tensor") and not value.tensor.tensor_shape.dim:
-                    out.setdefault(value.tag, {})[event.step] = make_ndarray(value.tensor).item()
-    return out

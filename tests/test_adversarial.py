@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from _step_setup import cached_batch, save_step_pipeline, setup, step_config
-from _trainer_runs import red_cat_folder, scalars
+from _trainer_runs import red_cat_folder
 from flax import nnx
 
 from tdd_jax.conditioning import Cond
@@ -26,6 +26,7 @@ from tdd_jax.training import sharding
 from tdd_jax.training.adversarial import DiscriminatorHead
 from tdd_jax.training.checkpointing import Checkpointer
 from tdd_jax.training.config import ConfigError
+from tdd_jax.training.report import read_scalars
 from tdd_jax.training.state import TrainState
 from tdd_jax.training.step import compile_train_step
 
@@ -275,12 +276,17 @@ def test_tdd_tiny_adv_config_trains(tiny_pipeline_dir, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
-    logged = scalars(workdir)
+    logged = read_scalars(workdir)
     for tag in ("loss", "g_adv", "d_loss", "d_step"):
         assert sorted(logged[tag]) == [1, 2, 3, 4], (tag, logged.get(tag))
         assert np.all(np.isfinite(list(logged[tag].values()))), (tag, logged[tag])
     assert [logged["d_step"][s] for s in (1, 2, 3, 4)] == [1, 0, 1, 0]  # D first, as the official code
     assert (workdir / "checkpoints" / "4").is_dir()
+    # launch/adv_probe.py --runs: the D loss over all 4 steps, and over the last 40 % (steps 3 and 4)
+    from launch.adv_probe import run_lines
+    row = run_lines([str(workdir)])[2].split(" | ")
+    d = logged["d_loss"]
+    assert row[1:4] == ["4", f"{np.mean(list(d.values())):.3f}", f"{(d[3] + d[4]) / 2:.3f}"], row
 
 
 

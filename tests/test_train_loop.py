@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _trainer_runs import red_cat_folder, scalars
+from _trainer_runs import red_cat_folder
 from PIL import Image
+
+from tdd_jax.training.report import read_scalars
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 8
@@ -65,7 +67,7 @@ def run(setup, workdir, *extra, timeout=900) -> str:
 
 def losses(workdir) -> dict[int, float]:
     """Per-step losses from the TensorBoard event files (float32, exactly as computed)."""
-    return scalars(workdir)["loss"]
+    return read_scalars(workdir)["loss"]
 
 
 @pytest.fixture(scope="module")

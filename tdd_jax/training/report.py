@@ -1,7 +1,10 @@
 """What a training run says on the console: the config in a few lines when it starts, one block when it ends
-(what it did, where its outputs are, what to run next). The full config and the logs go to the workdir."""
+(what it did, where its outputs are, what to run next). The full config and the logs go to the workdir, the
+scalars to its TensorBoard files, which ``read_scalars`` reads back."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import jax
 
@@ -44,3 +47,17 @@ def summary_lines(cfg, workdir, *, first_step: int, last_step: int, seconds: flo
         f"    python -m convert.export_lora --checkpoint={workdir} --diffusers={workdir}/lora.safetensors",
     ]
     return lines
+
+
+def read_scalars(workdir) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} of the TensorBoard event files a run wrote (float32, exactly as computed)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util.tensor_util import make_ndarray
+
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(Path(workdir).glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.HasField("tensor") and not value.tensor.tensor_shape.dim:
+                    out.setdefault(value.tag, {})[event.step] = make_ndarray(value.tensor).item()
+    return out
