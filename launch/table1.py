@@ -21,7 +21,7 @@ Stages, each resumable (kill and rerun: a finished student, sample set, feature 
    and in pixels and labels: ``prompt_accuracy`` (the emoji classifier names the caption), ``teacher_mad`` (mean
    |Δ| per pixel, 0-1, to the teacher control's image from the same prompt and noise), and the artefact measures
    ``clipped_share`` and ``mean_saturation`` (``tdd_jax.evaluation.artefacts``), read beside the teacher's.
-4. tables (``OUT/table.{md,csv,json}``, ``OUT/grid.png``): each cell is mean ± std (ddof=1) over training seeds;
+4. tables (``OUT/table.{md,csv,json}``, ``OUT/summary.md``, ``OUT/grid.png``): each cell is mean ± std (ddof=1) over training seeds;
    each table's comparisons "A vs B" are paired by seed, a win only when a paired t-test over seeds rejects
    equality at 5 % two-sided (``tdd_jax.evaluation.seed_stats``), else "not resolved"; each of the paper's claims
    (``Claim``) is held, not held or not resolved on one metric fixed in advance (``DECISIVE_METRIC``).
@@ -108,6 +108,9 @@ COST_FEATURES_S = {"emoji": 0.0005, "inception": 0.26}  # one image's features
 # itself scores worst there, so it rewards leaving the teacher. Artefact claims use clipped_share instead.
 DECISIVE_METRIC = "fid_teacher_emoji"
 ARTEFACT_METRIC = "clipped_share"
+# summary.md's cells: what the claims are decided on and the headline context beside it (table.md has every metric)
+SUMMARY_METRICS = ("fid_teacher_emoji", "fid_real_emoji", "fid_teacher_inception", "fid_real_inception",
+                   ARTEFACT_METRIC, "prompt_accuracy")
 
 
 # ---------------------------------------------------------------------------------------------------- variants
@@ -615,8 +618,9 @@ def decide_claims(table: Table, comparisons: list[dict]) -> list[dict]:
     return decided
 
 
-def markdown(table: Table, cells, comparisons, claims, command: str) -> list[str]:
-    formats = {column: fmt for column, _, fmt, _ in table_metrics(table)}
+def markdown(table: Table, cells, comparisons, claims, command: str, metrics=None) -> list[str]:
+    """A table's section: its cells (of ``metrics`` only, when given), claims, comparisons and command."""
+    formats = {column: fmt for column, _, fmt, _ in table_metrics(table) if metrics is None or column in metrics}
     by_cell = {(c["row"], c["steps"], c["metric"]): c for c in cells}
     lines = [f"## {table.title}", ""]
     students = [r for r in table.rows if r.variant is not None]
@@ -655,7 +659,7 @@ def markdown(table: Table, cells, comparisons, claims, command: str) -> list[str
 
 
 def write_outputs(out: Path, tables: list[Table], seeds, scores, commands: dict[str, str]) -> None:
-    all_cells, all_comparisons, all_claims, md = [], [], [], []
+    all_cells, all_comparisons, all_claims, md, summary = [], [], [], [], []
     for table in tables:
         cells, comparisons = collect(table, seeds, scores)
         claims = decide_claims(table, comparisons)
@@ -663,6 +667,7 @@ def write_outputs(out: Path, tables: list[Table], seeds, scores, commands: dict[
         all_comparisons += comparisons
         all_claims += claims
         md += markdown(table, cells, comparisons, claims, commands[table.name])
+        summary += markdown(table, cells, [], claims, commands[table.name], SUMMARY_METRICS)
     write_json(out / "table.json", {"seeds": list(seeds), "cells": all_cells, "comparisons": all_comparisons,
                                     "claims": all_claims, "commands": commands})
     buffer = io.StringIO()
@@ -670,10 +675,11 @@ def write_outputs(out: Path, tables: list[Table], seeds, scores, commands: dict[
     writer = csv.DictWriter(buffer, fields)
     writer.writeheader()
     writer.writerows({**c, "values": ";".join(repr(v) for v in c["values"])} for c in all_cells)
-    for path, text in ((out / "table.csv", buffer.getvalue()), (out / "table.md", "\n".join(md))):
+    for path, text in ((out / "table.csv", buffer.getvalue()), (out / "table.md", "\n".join(md)),
+                       (out / "summary.md", "\n".join(summary))):
         with atomic_file(path, overwrite=True) as tmp:
             tmp.write_text(text)
-    print("\n".join(md), flush=True)
+    print("\n".join(summary), flush=True)
 
 
 def write_grid(out: Path, table: Table, seed: int, prompts: list[str], grid_prompts: int) -> None:
@@ -849,7 +855,8 @@ def run(args, tables: list[Table], plan: Plan, seeds: list[int]) -> None:
     commands = {t.name: reproduce(args, t.name) for t in tables}
     write_outputs(out, tables, seeds, scores, commands)
     write_grid(out, tables[0], seeds[0], prompts, args.grid_prompts)
-    print(f"wrote {out / 'table.md'}, table.csv, table.json, grid.png", flush=True)
+    print(f"wrote {out / 'summary.md'} (above), table.md (every metric and comparison), table.csv, table.json, "
+          f"grid.png", flush=True)
 
 
 if __name__ == "__main__":
