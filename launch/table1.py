@@ -405,8 +405,9 @@ def sample_calls(settings: SamplerSettings) -> int:
 
 
 def measured_costs(out: Path, plan: Plan) -> dict:
-    """Per-unit costs from this grid's finished units where there are enough of them, else the constants. A
-    set's render time includes its sampler compile, so the measured UNet-call cost errs on the high side."""
+    """Per-unit costs from this grid's finished units where there are enough of them, else the constants. The
+    per-image and per-UNet-call costs are fitted together over finished sets of different UNet-call counts. A
+    set's render time includes its sampler compile, so they err on the high side."""
     costs = {"train_step": COST_TRAIN_STEP_S, "train_start": COST_TRAIN_START_S, "unet_call": COST_UNET_CALL_S,
              "image": COST_IMAGE_S, "sample_start": COST_SAMPLE_START_S,
              **{f"features_{k}": v for k, v in COST_FEATURES_S.items()}}
@@ -414,18 +415,22 @@ def measured_costs(out: Path, plan: Plan) -> dict:
     runs = [r for r in runs if r and not r["resumed"] and r["steps"] >= 50]
     if runs:
         costs["train_step"] = float(np.median([(r["seconds"] - costs["train_start"]) / r["steps"] for r in runs]))
-    calls, features = [], {space: [] for space in FEATURES}
+    calls, per_image, features = [], [], {space: [] for space in FEATURES}
     for key, (row, _, n) in plan.sets.items():
         score = read_json(out / "scores" / f"{key}.json")
         settings = teacher_settings(row.teacher_cfg) if row.variant is None else row.settings[n]
         if score.get("sample_seconds") and score["images"] >= 64:
-            per_image = score["sample_seconds"] / score["images"] - costs["image"]
-            calls.append(per_image / sample_calls(settings))
+            calls.append(sample_calls(settings))
+            per_image.append(score["sample_seconds"] / score["images"])
         for space in FEATURES:
             if f"feature_seconds/{space}" in score and score["images"] >= 64:
                 features[space].append(score[f"feature_seconds/{space}"] / score["images"])
-    if calls:
-        costs["unet_call"] = max(float(np.median(calls)), 0.0)
+    if len(set(calls)) > 1:  # per image: image + unet_call · calls, fitted over sets of different call counts
+        image, unet_call = np.linalg.lstsq(np.stack([np.ones(len(calls)), calls], 1), np.array(per_image),
+                                           rcond=None)[0]
+        costs["image"], costs["unet_call"] = max(float(image), 0.0), max(float(unet_call), 0.0)
+    elif calls:
+        costs["unet_call"] = max(float(np.median(per_image) - costs["image"]) / calls[0], 0.0)
     for space, values in features.items():
         if values:
             costs[f"features_{space}"] = float(np.median(values))

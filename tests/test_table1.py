@@ -128,3 +128,18 @@ def test_claims_are_decided_on_their_metric_over_every_pair_and_step(tmp_path):
     assert "kid_teacher_emoji" not in summary and "A vs B | steps" not in summary and "A vs B | steps" in md
     assert re.search(r"\| TDD's 4-8 mappings .* \| TDD γ=0\.2 vs PCM γ=0\.2 \| fid_teacher_emoji \| \*\*held\*\* \| "
                      r"2/0 of 2 \| fid_real_emoji: not held \(0/2 of 2\); prompt_accuracy", summary), summary  # no KID
+
+
+def test_measured_costs_fit_image_and_unet_call_costs(tmp_path):
+    """--plan's sampling costs from finished sets: per image = image + unet_call · UNet calls, fitted over sets
+    of different call counts (here 4 and 8 steps without CFG, made up as 10 ms + 2 ms a call)."""
+    from launch.table1 import Plan, build_tables, measured_costs, set_id, write_json
+    table = build_tables(["target"], [4, 8], [4, 8], {"target": ("emoji",)}, {"tdd"})[0]
+    plan = Plan.of([table], [0], None)
+    assert measured_costs(tmp_path, plan)["unet_call"] == pytest.approx(0.0063)  # nothing finished: constants
+    for row in table.rows[:1]:
+        for n in (4, 8):
+            write_json(tmp_path / "scores" / f"{set_id(row, 0, n)}.json",
+                       {"images": 512, "sample_seconds": 512 * (0.010 + 0.002 * n)})
+    costs = measured_costs(tmp_path, plan)
+    assert costs["image"] == pytest.approx(0.010) and costs["unet_call"] == pytest.approx(0.002)
