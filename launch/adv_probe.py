@@ -127,8 +127,9 @@ def run_lines(workdirs: list[str]) -> list[str]:
             return float(np.mean([v for s, v in logged[tag].items() if low < s <= high]))
 
         tail = (0.6 * steps, steps)
+        lowest = min(logged["d_loss"].values())
         lines.append(f"| {Path(workdir).name} | {steps} | {mean('d_loss', 0, 100):.3f} | {mean('d_loss', *tail):.3f}"
-                     f" | {min(logged['d_loss'].values()):.3f} | {mean('g_adv', *tail):.3f} | {mean('loss', *tail):.4f} |")
+                     f" | {lowest:.3f} | {mean('g_adv', *tail):.3f} | {mean('loss', *tail):.4f} |")
     return lines
 
 
@@ -175,9 +176,9 @@ def main(argv=None) -> None:
     header = ["gap", "lr", "d_loss", "accuracy", "d_loss_first", "snr_median", "snr_p90"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(f"{r[k]:.4g}" for k in header) + " |" for r in rows]
-    lines.append(f"\nstudent {args.lora} (target rule {meta.get('method')}, step {meta.get('step')}); {args.steps} heads "
-                 f"updates of batch {size} per row, heads of {cfg.adv.head_groups} GroupNorm groups; chance: d_loss 2, "
-                 f"accuracy 0.5 (last quarter of the updates).")
+    lines.append(f"\nstudent {args.lora} (target rule {meta.get('method')}, step {meta.get('step')}); {args.steps} "
+                 f"heads updates of batch {size} per row, heads of {cfg.adv.head_groups} GroupNorm groups; chance: "
+                 f"d_loss 2, accuracy 0.5 (last quarter of the updates).")
     print("\n".join(lines), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "lora": args.lora, "method": meta.get("method"),

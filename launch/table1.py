@@ -21,10 +21,11 @@ Stages, each resumable (kill and rerun: a finished student, sample set, feature 
    and in pixels and labels: ``prompt_accuracy`` (the emoji classifier names the caption), ``teacher_mad`` (mean
    |Δ| per pixel, 0-1, to the teacher control's image from the same prompt and noise), and the artefact measures
    ``clipped_share`` and ``mean_saturation`` (``tdd_jax.evaluation.artefacts``), read beside the teacher's.
-4. tables (``OUT/table.{md,csv,json}``, ``OUT/summary.md``, ``OUT/grid.png``): each cell is mean ± std (ddof=1) over training seeds;
-   each table's comparisons "A vs B" are paired by seed, a win only when a paired t-test over seeds rejects
-   equality at 5 % two-sided (``tdd_jax.evaluation.seed_stats``), else "not resolved"; each of the paper's claims
-   (``Claim``) is held, not held or not resolved on one metric fixed in advance (``DECISIVE_METRIC``).
+4. tables (``OUT/table.{md,csv,json}``, ``OUT/summary.md``, ``OUT/grid.png``): each cell is mean ± std (ddof=1)
+   over training seeds; each table's comparisons "A vs B" are paired by seed, a win only when a paired t-test over
+   seeds rejects equality at 5 % two-sided (``tdd_jax.evaluation.seed_stats``), else "not resolved"; each of the
+   paper's claims (``Claim``) is held, not held or not resolved on one metric fixed in advance
+   (``DECISIVE_METRIC``).
 """
 
 from __future__ import annotations
