@@ -109,6 +109,8 @@ def test_valid_with_pipeline(cfg):
     (lambda c: c.update(pipeline_dir=""), "pipeline_dir"),
     (lambda c: c.data.update(path=""), "data.path"),
     (lambda c: c.data.update(source="s3"), "data.source"),
+    (lambda c: c.adv.update(head_groups=0), "adv.head_groups"),
+    (lambda c: c.adv.update(enabled=True, head_groups=3), "adv.head_groups"),  # the tiny UNet's widths: 32, 64
 ])
 def test_bad_field_is_named(cfg, mutate, field):
     mutate(cfg)

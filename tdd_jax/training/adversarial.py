@@ -29,7 +29,7 @@ from flax import nnx
 from tdd_jax.conditioning import Cond
 from tdd_jax.diffusion.schedule import NoiseSchedule, expand_like
 from tdd_jax.models.layers import Conv2d, GroupNorm, ModelOptions
-from tdd_jax.training.config import ConfigError
+from tdd_jax.training.config import check_head_groups
 from tdd_jax.training.frozen import FrozenPipeline
 
 # The adversarial draws of an example come from its own key folded with this constant, so that turning the
@@ -43,9 +43,7 @@ class DiscriminatorHead(nnx.Module):
     """One feature level's head: (B, h, w, C) features -> (B, h, w, 1) logits."""
 
     def __init__(self, channels: int, groups: int, *, rngs: nnx.Rngs):
-        if channels % groups:
-            raise ConfigError(f"adv.head_groups: {groups} must divide every discriminator head's width; this UNet "
-                              f"has a {channels}-channel feature level")
+        check_head_groups(groups, [channels])
         self.conv1 = Conv2d(channels, channels, 1, opts=HEAD_OPTS, rngs=rngs)
         self.norm1 = GroupNorm(groups, channels, opts=HEAD_OPTS)
         self.conv2 = Conv2d(channels, channels, 1, opts=HEAD_OPTS, rngs=rngs)

@@ -218,6 +218,8 @@ def validate(cfg, *, num_devices: int | None = None, process_count: int | None =
     _require(a.grad_clip >= 0, "adv.grad_clip", f"{a.grad_clip} must be >= 0 (0: no clipping)")
     _require(a.window > 0, "adv.window", f"{a.window} must be > 0 (gan_t ~ U{{tau .. min(tau + window, T) - 1}})")
     _require(a.head_groups > 0, "adv.head_groups", f"{a.head_groups} must be > 0 (and divide every head's width)")
+    if check_pipeline and a.enabled:
+        check_head_groups(a.head_groups, _unet_widths(cfg))
 
     if check_data:
         _validate_data(cfg, process_count)
@@ -231,6 +233,25 @@ def validate(cfg, *, num_devices: int | None = None, process_count: int | None =
     _require(v.teacher_steps >= 0, "validation.teacher_steps", f"{v.teacher_steps} must be >= 0 (0: no teacher column)")
     _require(v.teacher_guidance_scale >= 1.0, "validation.teacher_guidance_scale",
              f"{v.teacher_guidance_scale} must be >= 1 (1: no CFG)")
+
+
+def check_head_groups(groups: int, widths) -> None:
+    """The discriminator heads' GroupNorm groups must divide every feature level's width (``adv.head_groups``)."""
+    odd = [c for c in widths if c % groups]
+    _require(not odd, "adv.head_groups", f"{groups} must divide every discriminator head's width; this UNet has a "
+             f"{odd[0] if odd else 0}-channel feature level")
+
+
+def _unet_widths(cfg) -> list[int]:
+    """The widths of the UNet encoder's feature levels (its down blocks and mid block), from the pipeline folder."""
+    import json
+
+    path = Path(cfg.pipeline_dir) / "unet" / "config.json"
+    try:
+        channels = list(json.loads(path.read_text())["block_out_channels"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"pipeline_dir: cannot read block_out_channels from {path}: {e}") from e
+    return channels + channels[-1:]
 
 
 def _num_train_timesteps(cfg) -> int:
