@@ -5,10 +5,10 @@ step already holds (the teacher graphdef, LoRA off; no second copy of any UNet w
 head per feature level (SDXL: 320, 640, 1280, 1280 channels): 1×1 conv → GroupNorm(32) → LeakyReLU, 1×1 conv →
 GroupNorm(32) → LeakyReLU plus a residual, 1×1 conv → 1 logit per position (PCM's discriminator_sdxl.py, channel
 width kept). Only the heads train; gradients of the generator's term flow through the frozen encoder into the
-student. The group count is ``adv.head_groups`` (PCM's 32: 10-40 channels a group on SDXL). With one or two
-channels a group, as 32 groups give on a UNet 32-128 channels wide, each group is standardised over positions
-per example, so a head's mean logit hardly depends on its input and the hinge loss stays at 2 whatever the two
-sides look like (``launch/adv_probe.py`` measures it).
+student. The group count is ``adv.head_groups`` (PCM's 32: 10-40 channels a group on SDXL). With one channel a
+group (32 groups on a 32-channel level) each channel is standardised over positions per example, so a head's mean
+logit hardly depends on its input and the hinge loss stays at 2 whatever the two sides look like (the tests'
+one-level UNet shows it; ``launch/adv_probe.py`` measures a pipeline's heads).
 
 Per example, a discriminator timestep gan_t ~ U{τ .. min(τ + window, T) − 1}; the student's prediction at τ
 (fake) and the target at τ (real) are each re-noised τ → gan_t with independent noise,

@@ -242,27 +242,27 @@ def check_head_groups(groups: int, widths) -> None:
              f"{odd[0] if odd else 0}-channel feature level")
 
 
-def _unet_widths(cfg) -> list[int]:
-    """The widths of the UNet encoder's feature levels (its down blocks and mid block), from the pipeline folder."""
+def _pipeline_json(cfg, component: str) -> dict:
+    """A JSON file of the pipeline folder (checked to exist before this runs), or a ConfigError naming it."""
     import json
 
-    path = Path(cfg.pipeline_dir) / "unet" / "config.json"
+    path = Path(cfg.pipeline_dir) / component
     try:
-        channels = list(json.loads(path.read_text())["block_out_channels"])
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"pipeline_dir: cannot read block_out_channels from {path}: {e}") from e
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"pipeline_dir: cannot read {path}: {e}") from e
+
+
+def _unet_widths(cfg) -> list[int]:
+    """The widths of the UNet encoder's feature levels (its down blocks and mid block)."""
+    channels = list(_pipeline_json(cfg, "unet/config.json").get("block_out_channels", ()))
+    _require(bool(channels), "pipeline_dir", f"{cfg.pipeline_dir}/unet/config.json has no block_out_channels")
     return channels + channels[-1:]
 
 
 def _num_train_timesteps(cfg) -> int:
-    """The pipeline scheduler's training timestep count (the pipeline folder was checked before this runs)."""
-    import json
-
-    path = Path(cfg.pipeline_dir) / "scheduler" / "scheduler_config.json"
-    try:
-        return int(json.loads(path.read_text()).get("num_train_timesteps", DEFAULT_TIMESTEPS))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"pipeline_dir: cannot read {path}: {e}") from e
+    """The pipeline scheduler's training timestep count."""
+    return int(_pipeline_json(cfg, "scheduler/scheduler_config.json").get("num_train_timesteps", DEFAULT_TIMESTEPS))
 
 
 def _validate_data(cfg, process_count: int) -> None:
