@@ -71,11 +71,12 @@ class Topology:
     chips: int
     hbm_bytes: int  # per chip
     peak_flops: float  # per chip, bf16
+    chip_config: str = "default"  # 'megacore' on v4: one device per chip, as meshes and Cloud TPU's runtime use it
 
 
 # Cloud TPU's published per-chip figures (cloud.google.com/tpu/docs: v4, v5e, v5p, v6e system architecture).
 TOPOLOGIES = {
-    "v4-8": Topology("v4:2x2x1", 4, 32 * GiB, 275e12),
+    "v4-8": Topology("v4:2x2x1", 4, 32 * GiB, 275e12, "megacore"),
     "v5e-4": Topology("v5e:2x2", 4, 16 * GiB, 197e12),
     "v5e-8": Topology("v5e:2x4", 8, 16 * GiB, 197e12),
     "v5e-16": Topology("v5e:4x4", 16, 16 * GiB, 197e12),
@@ -91,7 +92,8 @@ class MissingLibTPU(RuntimeError):
 
 def topology_devices(name: str) -> tuple[list, int | None, float | None]:
     """(devices, HBM bytes per device, peak FLOP/s per device) of a named topology, or ``cpu:N`` (N fake CPU
-    devices; no HBM or peak). v4 exposes each chip's two TensorCores as two devices: each gets half the chip."""
+    devices; no HBM or peak). v4's two TensorCores a chip are one megacore device: JAX's meshes need one device
+    a chip there."""
     if name.startswith("cpu:"):
         n = int(name.split(":", 1)[1])
         devices = jax.devices("cpu")
@@ -111,7 +113,7 @@ def topology_devices(name: str) -> tuple[list, int | None, float | None]:
     # Compiling touches no chip, so several compile checks (and tests) may hold libtpu at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     topo = TOPOLOGIES[name]
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=topo.name, chip_config_name="default",
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topo.name, chip_config_name=topo.chip_config,
                                            chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
     per_chip = len(devices) // topo.chips
     return list(devices), topo.hbm_bytes // per_chip, topo.peak_flops / per_chip

@@ -12,6 +12,7 @@ from tiny_pipeline import tiny_clip_configs, tiny_vae_config
 
 from launch import compile_table
 from tdd_jax import compile_check
+from tdd_jax.training import sharding
 
 try:
     import libtpu  # noqa: F401
@@ -99,6 +100,15 @@ def test_missing_libtpu_names_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_libtpu)
     with pytest.raises(compile_check.MissingLibTPU, match=r"\.\[aot\]"):
         compile_check.topology_devices("v5e-8")
+
+
+def test_every_named_topology_gives_one_device_a_chip_and_a_mesh():
+    """v4's default chip config exposes each TensorCore as a device, which JAX's meshes refuse on TPU > v3; the
+    check asks for megacore there, as Cloud TPU runs v4."""
+    for name, topo in compile_check.TOPOLOGIES.items():
+        devices, hbm, peak = compile_check.topology_devices(name)
+        assert len(devices) == topo.chips and (hbm, peak) == (topo.hbm_bytes, topo.peak_flops), name
+        assert sharding.make_mesh(1, -1, devices).devices.size == topo.chips, name
 
 
 def test_unknown_topology_lists_the_known_ones():
