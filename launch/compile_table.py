@@ -70,31 +70,70 @@ def paper_run_images() -> int:
     return int(cfg.batch.global_batch) * int(cfg.num_train_steps)
 
 
+def _setting(r: dict) -> str:
+    s = r["settings"]
+    return (f"{r.get('batch_kind', 'pixels')}, {s['micro_batch_per_device']:g} per device, mesh "
+            f"{s['mesh']['data']}x{s['mesh']['fsdp']}, remat {s['remat']}, weights {s['param_dtype']}, LoRA "
+            f"{s['lora_sharding']}{', ' + s['attention_impl'] if s.get('attention_impl') else ''}")
+
+
+def _speeds(p: dict) -> tuple[float, float | None, float | None]:
+    """(images/s by the roofline, images/s by the cost model, MFU by the cost model). MFU counts the useful
+    FLOPs only: the analytic minimum of the TDD step, not the remat recompute."""
+    cost = cost_model_estimate(p)
+    if cost is None:
+        return p["roofline_images_per_s"], None, None
+    a = p.get("flop_accounting")
+    useful = a["analytic"]["minimum"] / a["counted"] if a else 1.0
+    return p["roofline_images_per_s"], p["images"] / cost, p["roofline_s"] * useful / cost
+
+
+def _train_steps(reports: list[dict]) -> list[tuple[dict, dict]]:
+    return [(r, r["train_step"]) for r in reports
+            if "roofline_images_per_s" in r.get("train_step", {}) and "memory" in r["train_step"]]
+
+
 def budget(reports: list[dict]) -> list[str]:
     """Per compiled train step: its setting, images/s by the FLOP roofline and by the compiler's cost model, the
-    cost model's speed as a share of the roofline's (the FLOPs include remat recompute, so this is not MFU), and the
-    paper's run in days and chip-hours by each."""
+    cost model's MFU, and the paper's run in days and chip-hours by each."""
     images = paper_run_images()
-    head = [f"| topology | chips | setting | images/s: roofline / cost model | cost model / roofline | paper run "
+    head = [f"| topology | chips | setting | fits | images/s: roofline / cost model | MFU (cost model) | paper run "
             f"({images:.3g} images): days, roofline / cost model | chip-hours, roofline / cost model |",
-            "|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|"]
     out = []
-    for r in reports:
-        p = r.get("train_step", {})
-        if "roofline_images_per_s" not in p or "memory" not in p:
-            continue
-        s, chips = r["settings"], TOPOLOGIES[r["topology"]].chips
-        setting = (f"{r.get('batch_kind', 'pixels')}, {s['micro_batch_per_device']:g} per device, remat "
-                   f"{s['remat']}, weights {s['param_dtype']}, LoRA {s['lora_sharding']}"
-                   f"{', ' + s['attention_impl'] if s.get('attention_impl') else ''}")
-        roof, cost = p["roofline_images_per_s"], cost_model_estimate(p)
-        cost_ips = None if cost is None else p["images"] / cost
+    for r, p in _train_steps(reports):
+        chips = TOPOLOGIES[r["topology"]].chips
+        roof, cost_ips, mfu = _speeds(p)
         days = [images / ips / 86400 for ips in (roof, cost_ips) if ips]
-        out.append(f"| {r['topology']} | {chips} | {setting} | {roof:.1f} / "
+        out.append(f"| {r['topology']} | {chips} | {_setting(r)} | {'yes' if p['fits'] else 'no'} | {roof:.1f} / "
                    + ("n/a" if cost_ips is None else f"{cost_ips:.1f}")
-                   + f" | {'n/a' if cost_ips is None else f'{cost_ips / roof:.0%}'} | "
+                   + f" | {'n/a' if mfu is None else f'{mfu:.0%}'} | "
                    + " / ".join(f"{d:.1f}" for d in days)
                    + " | " + " / ".join(f"{d * 24 * chips:,.0f}" for d in days) + " |")
+    return head + out
+
+
+def best(reports: list[dict]) -> list[str]:
+    """Per topology and batch kind, the compiled train-step setting that fits and runs fastest: ranked by the cost
+    model where every fitting setting has one (it prices what the roofline does not), else by the roofline."""
+    images = paper_run_images()
+    head = ["| topology | batch | best fitting setting (of those compiled) | ranked by | images/s | paper run: days "
+            "| chip-hours |", "|---|---|---|---|---|---|---|"]
+    steps = _train_steps(reports)
+    out = []
+    for topology, kind in sorted({(r["topology"], r.get("batch_kind", "pixels")) for r, _ in steps}):
+        group = [(r, p) for r, p in steps if (r["topology"], r.get("batch_kind", "pixels")) == (topology, kind)]
+        fitting = [(r, _speeds(p)) for r, p in group if p["fits"]]
+        if not fitting:
+            out.append(f"| {topology} | {kind} | none of the {len(group)} compiled settings fits | | | | |")
+            continue
+        by_cost = all(speeds[1] is not None for _, speeds in fitting)
+        r, speeds = max(fitting, key=lambda item: item[1][1] if by_cost else item[1][0])
+        ips = speeds[1] if by_cost else speeds[0]
+        days = images / ips / 86400
+        out.append(f"| {topology} | {kind} | {_setting(r)} | {'cost model' if by_cost else 'roofline'} "
+                   f"(of {len(fitting)} fitting) | {ips:.1f} | {days:.1f} "
+                   f"| {days * 24 * TOPOLOGIES[topology].chips:,.0f} |")
     return head + out
 
 
@@ -104,7 +143,8 @@ def commands(reports: list[dict]) -> list[str]:
 
 def main(paths: list[str]) -> None:
     reports = [json.loads(open(p).read()) for p in paths]
-    print("\n".join(rows(reports) + [""] + accounting(reports) + [""] + budget(reports) + [""] + commands(reports)))
+    print("\n".join(rows(reports) + [""] + accounting(reports) + [""] + budget(reports) + [""] + best(reports) + [""]
+                    + commands(reports)))
 
 
 if __name__ == "__main__":

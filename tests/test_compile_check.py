@@ -63,6 +63,12 @@ def test_tpu_step_compiles_and_fsdp_splits_the_weights():
     # The paper-run budget: days and chip-hours by the roofline and by the cost model (loop-free here).
     budget = compile_table.budget([split])[2]
     assert budget.startswith("| v5e-4 | 4 | cached, ") and budget.count(" / ") == 3 and "%" in budget, budget
+    # The best fitting setting of the two meshes, by the cost model (both have one): the faster one's mesh.
+    fastest = min((replicated, split), key=lambda r: compile_check.cost_model_estimate(r["train_step"]))
+    mesh = fastest["settings"]["mesh"]
+    ranked, = compile_table.best([replicated, split])[2:]
+    assert ranked.startswith("| v5e-4 | cached | ") and "| cost model (of 2 fitting) |" in ranked, ranked
+    assert f"mesh {mesh['data']}x{mesh['fsdp']}," in ranked, ranked
     # --compile=false: the same FLOP accounting from tracing alone, and no memory claimed.
     counted_only = _check(1, 4, compile=False)["train_step"]
     assert "memory" not in counted_only and "fits" not in counted_only
