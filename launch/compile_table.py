@@ -16,6 +16,10 @@ GiB = 2**30
 
 
 def _fit(part: dict) -> str:
+    if "out_of_memory" in part:  # the compiler refused it: its stated need, where it gave one
+        need = (f"temp {part['temp_required'] / GiB:.2f} > {part['temp_available'] / GiB:.2f} available"
+                if "temp_required" in part else "over HBM")
+        return f"{need} (does not fit)"
     m = part["memory"]
     return (f"{m['argument'] / GiB:.2f} + {m['temp'] / GiB:.2f} = {m['total'] / GiB:.2f} of "
             f"{part['hbm_bytes'] / GiB:.0f} ({'fits' if part['fits'] else 'does not fit'})")
@@ -38,7 +42,7 @@ def rows(reports: list[dict]) -> list[str]:
         n = r["num_devices"]
         step_label = f"TDD train step, {r.get('batch_kind', 'pixels')}"  # reports before batch_kind: pixels
         for part, label in (("train_step", step_label), ("sampler", "sampler + VAE decode")):
-            if "memory" not in r.get(part, {}):  # absent, or counted without compiling
+            if not {"memory", "out_of_memory"} & set(r.get(part, {})):  # absent, or counted without compiling
                 continue
             p = r[part]
             xla = "n/a" if p.get("xla_flops") is None else f"{p['xla_flops']:.2e}"
@@ -89,8 +93,8 @@ def _speeds(p: dict) -> tuple[float, float | None, float | None]:
 
 
 def _train_steps(reports: list[dict]) -> list[tuple[dict, dict]]:
-    return [(r, r["train_step"]) for r in reports
-            if "roofline_images_per_s" in r.get("train_step", {}) and "memory" in r["train_step"]]
+    return [(r, r["train_step"]) for r in reports if "roofline_images_per_s" in r.get("train_step", {})
+            and {"memory", "out_of_memory"} & set(r["train_step"])]
 
 
 def budget(reports: list[dict]) -> list[str]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import resource
 import shlex
 import sys
@@ -218,6 +219,31 @@ def step_flops(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, step, bat
             "ratio": no_remat / analytic["minimum"]}
 
 
+_HBM_OOM = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT]?)\) exceeds available HBM \(([0-9.]+)([KMGT]?)\)")
+
+
+def compiled_or_out_of_memory(analyse) -> dict:
+    """``analyse()`` (a program compiled and its ``compiled_analysis`` read), as the reports store it, or, where the
+    TPU compiler refuses the program because it cannot fit the device's HBM, {'out_of_memory': its message, and
+    'temp_required' / 'temp_available' in bytes where it states them}: an answer to "does it fit", not a crash."""
+    try:
+        analysis = analyse()
+    except jax.errors.JaxRuntimeError as e:
+        message = str(e).strip().splitlines()[0]
+        if "RESOURCE_EXHAUSTED" not in message or "memory" not in message.lower():
+            raise
+        oom: dict[str, Any] = {"out_of_memory": message}
+        match = _HBM_OOM.search(message)
+        if match:
+            unit = lambda u: 1024 ** " KMGT".index(u or " ")  # noqa: E731  XLA's byte counts are 1024-based
+            oom["temp_required"] = int(float(match[1]) * unit(match[2]))
+            oom["temp_available"] = int(float(match[3]) * unit(match[4]))
+        return oom
+    return {"memory": analysis["memory"], "xla_flops": analysis["flops"], "xla_optimal_s": analysis["optimal_seconds"],
+            "while_loops": analysis["while_loops"], "unpriced_ops": analysis["unpriced_ops"],
+            "mosaic_kernels": analysis["mosaic_kernels"]}
+
+
 def compile_step(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batch_kind: str = "pixels",
                  compile: bool = True) -> dict:
     """Compile the TDD train step on ``mesh`` (``frozen``'s); memory, FLOPs (per device: counted, and XLA's own),
@@ -228,10 +254,8 @@ def compile_step(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batch_k
     batch = batch_spec(cfg, configs, batch_kind)
     result = {"images": int(cfg.batch.global_batch)}
     if compile:
-        compiled = compile_train_step(step, batch)
-        result.update(memory=compiled.memory, xla_flops=compiled.flops, xla_optimal_s=compiled.optimal_seconds,
-                      while_loops=compiled.while_loops, unpriced_ops=compiled.unpriced_ops,
-                      mosaic_kernels=compiled.mosaic_kernels, compile_s=time.perf_counter() - start)
+        result.update(compiled_or_out_of_memory(lambda: compile_train_step(step, batch)._asdict()),
+                      compile_s=time.perf_counter() - start)
     accounting = step_flops(cfg, frozen, mesh, configs, step, select_batch(batch))
     return {**result, "flops": accounting["counted"] / mesh.size, "flop_accounting": accounting}
 
@@ -265,10 +289,9 @@ def compile_sampler(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batc
               "steps": settings.num_steps, "cfg": settings.uses_cfg}
     if compile:
         render_batch = jax.jit(sharding.traced_on(mesh, program(frozen)), out_shardings=data)
-        analysis = compiled_analysis(render_batch.lower(frozen.params, *args).compile())
-        result.update(memory=analysis["memory"], xla_flops=analysis["flops"], xla_optimal_s=analysis["optimal_seconds"],
-                      while_loops=analysis["while_loops"], unpriced_ops=analysis["unpriced_ops"],
-                      mosaic_kernels=analysis["mosaic_kernels"], compile_s=time.perf_counter() - start)
+        result.update(compiled_or_out_of_memory(
+            lambda: compiled_analysis(render_batch.lower(frozen.params, *args).compile())),
+                      compile_s=time.perf_counter() - start)
     return result
 
 
@@ -278,6 +301,8 @@ def roofline(result: dict, hbm: int | None, peak: float | None) -> dict:
     if hbm is not None and "memory" in result:
         result["hbm_bytes"] = hbm
         result["fits"] = result["memory"]["total"] <= hbm
+    elif hbm is not None and "out_of_memory" in result:
+        result["hbm_bytes"], result["fits"] = hbm, False
     if peak is not None and result.get("flops"):
         seconds = result["flops"] / peak
         result["roofline_s"] = seconds
@@ -345,7 +370,10 @@ def format_report(report: dict) -> str:
         r = report[part]
         speed = (f", roofline {r['roofline_s'] * 1e3:.0f} ms = {r['roofline_images_per_s']:.2f} images/s"
                  if "roofline_s" in r else "")
-        if "memory" not in r:
+        if "out_of_memory" in r:
+            lines.append(f"  {part}: {r['images']} images; DOES NOT FIT: the TPU compiler refused it "
+                         f"({r['out_of_memory']}); FLOPs per device {r['flops']:.3e}{speed}")
+        elif "memory" not in r:
             lines.append(f"  {part}: {r['images']} images; not compiled; FLOPs per device {r['flops']:.3e}{speed}")
         else:
             m = r["memory"]

@@ -30,10 +30,10 @@ def _configs() -> dict:
 
 
 def _check(data: int, fsdp: int, compile: bool = True, attention_impl: str | None = None,
-           sampler_batch: int = 0) -> dict:
+           sampler_batch: int = 0, resolution: int = 16) -> dict:
     cfg = step_config(**{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.min_shard_size": 1024,
                          "model.attention_impl": attention_impl})
-    cfg.resolution = 16
+    cfg.resolution = resolution
     return compile_check.run(cfg, "v5e-4", configs=_configs(), batch_kind="cached", compile=compile,
                              sampler_batch=sampler_batch)
 
@@ -73,6 +73,21 @@ def test_tpu_step_compiles_and_fsdp_splits_the_weights():
     counted_only = _check(1, 4, compile=False)["train_step"]
     assert "memory" not in counted_only and "fits" not in counted_only
     assert counted_only["flop_accounting"] == split["train_step"]["flop_accounting"]
+
+
+@needs_libtpu
+def test_a_step_over_the_hbm_is_reported_as_not_fitting():
+    """At 1024² the tiny UNet's self-attention alone needs far more than v5e's 16 GiB: the TPU compiler refuses
+    the program, and the check says so in its report and tables instead of failing."""
+    report = _check(1, 4, resolution=1024)
+    step = report["train_step"]
+    assert step["fits"] is False and "memory" not in step and "RESOURCE_EXHAUSTED" in step["out_of_memory"]
+    assert step["temp_available"] < 16 * 2**30 < step["temp_required"], step
+    assert step["flops"] > 0  # the FLOP accounting needs no compiled program
+    assert "(does not fit)" in compile_table.rows([report])[2]
+    assert "| no |" in compile_table.budget([report])[2]
+    assert "none of the 1 compiled settings fits" in compile_table.best([report])[2]
+    assert "DOES NOT FIT" in compile_check.format_report(report)
 
 
 @needs_libtpu
