@@ -102,6 +102,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # gradients). 'fsdp': the rank-64 SDXL LoRA is 197M parameters, so LoRA + Adam moments + gradient take ~2.9 GiB
     # per device replicated (EMA: +0.7) against ~0.4 GiB split 8 ways, which v5e's 16 GiB needs for activations.
     cfg.mesh.lora_sharding = "fsdp"
+    # XLA's windowed einsums on TPU (an FSDP all-gather or reduce-scatter turned into a loop of collective permutes
+    # overlapped with the matmul). False turns them off: they multiply the temporaries where the FSDP axis is long
+    # (16 devices; docs/tpu.md).
+    cfg.mesh.windowed_einsum = True
 
     cfg.data = default_data_config()
     cfg.data.source = "webdataset"  # LAION-style (image, caption) .tar shards

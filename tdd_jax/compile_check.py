@@ -290,7 +290,8 @@ def compile_sampler(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batc
     if compile:
         render_batch = jax.jit(sharding.traced_on(mesh, program(frozen)), out_shardings=data)
         result.update(compiled_or_out_of_memory(
-            lambda: compiled_analysis(render_batch.lower(frozen.params, *args).compile())),
+            lambda: compiled_analysis(render_batch.lower(frozen.params, *args).compile(
+                compiler_options=sharding.compiler_options(cfg.mesh, mesh)))),
                       compile_s=time.perf_counter() - start)
     return result
 
@@ -341,7 +342,8 @@ def settings_summary(cfg, mesh: Mesh) -> dict:
             "remat": str(cfg.model.remat), "dtype": str(cfg.model.dtype), "param_dtype": str(cfg.model.param_dtype),
             "attention_impl": cfg.model.attention_impl, "lora_rank": int(cfg.lora.rank),
             "scan_blocks": bool(cfg.model.scan_blocks), "min_shard_size": min_shard_size(cfg),
-            "lora_sharding": str(cfg.mesh.lora_sharding), "resolution": int(cfg.resolution)}
+            "lora_sharding": str(cfg.mesh.lora_sharding), "windowed_einsum": bool(cfg.mesh.get("windowed_einsum", True)),
+            "resolution": int(cfg.resolution)}
 
 
 def run(cfg, topology: str, *, configs: dict = SDXL_CONFIGS, batch_kind: str = "pixels", sampler_batch: int = 0,

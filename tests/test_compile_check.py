@@ -30,11 +30,13 @@ def _configs() -> dict:
 
 
 def _check(data: int, fsdp: int, compile: bool = True, attention_impl: str | None = None,
-           sampler_batch: int = 0, resolution: int = 16) -> dict:
+           sampler_batch: int = 0, resolution: int = 16, topology: str = "v5e-4", **overrides) -> dict:
     cfg = step_config(**{"mesh.data": data, "mesh.fsdp": fsdp, "mesh.min_shard_size": 1024,
-                         "model.attention_impl": attention_impl})
+                         "model.attention_impl": attention_impl, **overrides})
     cfg.resolution = resolution
-    return compile_check.run(cfg, "v5e-4", configs=_configs(), batch_kind="cached", compile=compile,
+    if topology != "v5e-4":
+        cfg.batch.global_batch = compile_check.TOPOLOGIES[topology].chips
+    return compile_check.run(cfg, topology, configs=_configs(), batch_kind="cached", compile=compile,
                              sampler_batch=sampler_batch)
 
 
@@ -73,6 +75,19 @@ def test_tpu_step_compiles_and_fsdp_splits_the_weights():
     counted_only = _check(1, 4, compile=False)["train_step"]
     assert "memory" not in counted_only and "fits" not in counted_only
     assert counted_only["flop_accounting"] == split["train_step"]["flop_accounting"]
+
+
+@needs_libtpu
+def test_windowed_einsums_off_on_a_long_fsdp_axis():
+    """On 16 v5e chips (FSDP over 16, one image each) the TPU compiler turns the FSDP all-gathers into windowed
+    einsums: while loops of collective permutes, whose temporaries the tiny step's show (and SDXL's, docs/tpu.md).
+    ``mesh.windowed_einsum=False`` compiles the plain all-gathers instead: no loop, fewer temporaries."""
+    default, plain = (_check(1, -1, topology="v5e-16", **{"mesh.windowed_einsum": on}) for on in (True, False))
+    steps = default["train_step"], plain["train_step"]
+    assert steps[0]["while_loops"] > 0 and steps[1]["while_loops"] == 0, [s["while_loops"] for s in steps]
+    assert steps[1]["memory"]["temp"] < steps[0]["memory"]["temp"], [s["memory"] for s in steps]
+    assert plain["settings"]["windowed_einsum"] is False
+    assert ", no windowed einsum |" in compile_table.budget([plain])[2]
 
 
 @needs_libtpu

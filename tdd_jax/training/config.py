@@ -74,6 +74,7 @@ FIELDS = {
     "mesh.fsdp": int,
     "mesh.min_shard_size": int,
     "mesh.lora_sharding": LORA_SHARDINGS,
+    "mesh.windowed_einsum": bool,
     "checkpoint.every": int,
     "checkpoint.keep": int,
     "validation.every": int,

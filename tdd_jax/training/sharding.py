@@ -84,6 +84,19 @@ def make_mesh(data: int = 1, fsdp: int = -1, devices: Sequence[jax.Device] | Non
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
+# The TPU compiler's switches for windowed einsums (collective matmuls), as ``mesh.windowed_einsum`` sets them.
+WINDOWED_EINSUM_OPTIONS = ("xla_tpu_enable_windowed_einsum_for_all_gather",
+                           "xla_tpu_enable_windowed_einsum_for_reduce_scatter")
+
+
+def compiler_options(mesh_cfg, mesh: Mesh) -> dict[str, bool]:
+    """XLA options for a program compiled on ``mesh``, from ``cfg.mesh``: ``windowed_einsum=False`` turns the TPU
+    compiler's windowed einsums off. Empty off TPU, whose compilers do not know the options."""
+    if mesh.devices.flat[0].platform != "tpu" or mesh_cfg.get("windowed_einsum", True):
+        return {}
+    return dict.fromkeys(WINDOWED_EINSUM_OPTIONS, False)
+
+
 def traced_on(mesh: Mesh, fn):
     """``fn`` traced with ``mesh`` as JAX's context mesh (``jax.sharding.use_abstract_mesh``): wrap what is
     jitted with this, so model code that needs the mesh asks JAX for it (splash attention runs its Mosaic kernel,

@@ -498,5 +498,6 @@ def compile_train_step(step: TrainStep, batch_shapes: dict) -> CompiledStep:
     mesh = step.mesh
     batch_shapes = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=sharding.batch_sharding(mesh))
                     for k, v in select_batch(batch_shapes).items()}
-    compiled = step.train_step.lower(step.abstract_state(), step.frozen.params, batch_shapes).compile()
+    compiled = step.train_step.lower(step.abstract_state(), step.frozen.params, batch_shapes).compile(
+        compiler_options=sharding.compiler_options(step.cfg.mesh, mesh))
     return CompiledStep(fn=compiled, **compiled_analysis(compiled))
