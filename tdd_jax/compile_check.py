@@ -289,10 +289,10 @@ def compile_sampler(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batc
               "steps": settings.num_steps, "cfg": settings.uses_cfg}
     if compile:
         render_batch = jax.jit(sharding.traced_on(mesh, program(frozen)), out_shardings=data)
-        result.update(compiled_or_out_of_memory(
-            lambda: compiled_analysis(render_batch.lower(frozen.params, *args).compile(
-                compiler_options=sharding.compiler_options(cfg.mesh, mesh)))),
-                      compile_s=time.perf_counter() - start)
+        options = sharding.compiler_options(cfg.mesh, mesh)
+        analyse = lambda: compiled_analysis(  # noqa: E731
+            render_batch.lower(frozen.params, *args).compile(compiler_options=options))
+        result.update(compiled_or_out_of_memory(analyse), compile_s=time.perf_counter() - start)
     return result
 
 
