@@ -103,8 +103,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # per device replicated (EMA: +0.7) against ~0.4 GiB split 8 ways, which v5e's 16 GiB needs for activations.
     cfg.mesh.lora_sharding = "fsdp"
     # XLA's windowed einsums on TPU (an FSDP all-gather or reduce-scatter turned into a loop of collective permutes
-    # overlapped with the matmul). False turns them off: they multiply the temporaries where the FSDP axis is long
-    # (16 devices; docs/tpu.md).
+    # overlapped with the matmul). False turns them off in the train step and the validation grid: they multiply
+    # the temporaries where the FSDP axis is long (16 devices; docs/tpu.md).
     cfg.mesh.windowed_einsum = True
 
     cfg.data = default_data_config()

@@ -61,8 +61,9 @@ class Validator:
         prompts = list(cfg.validation.prompts)
         ids = [conditioning.tokenize(tok, prompts) for tok in conditioning.load_tokenizers(cfg.pipeline_dir)]
         replicated = sharding.replicated(mesh)  # the mesh ``frozen`` was loaded onto
-        embeds, pooled = jax.jit(sharding.traced_on(mesh, frozen.encode_prompts),
-                                 out_shardings=replicated)(frozen.params, *ids)
+        options = sharding.compiler_options(cfg.mesh, mesh)  # the train step's, e.g. mesh.windowed_einsum
+        embeds, pooled = jax.jit(sharding.traced_on(mesh, frozen.encode_prompts), out_shardings=replicated,
+                                 compiler_options=options)(frozen.params, *ids)
         size = cfg.resolution
         ids_6 = np.tile(conditioning.time_ids((size, size), (0, 0), (size, size)), (len(prompts), 1))
         self._cond = conditioning.Cond(embeds, pooled, jnp.asarray(ids_6))
@@ -78,7 +79,8 @@ class Validator:
                         (f"{student} {n}", sampler_settings(cfg, n), True)]
         self.column_labels = [label for label, _, _ in columns]
         self._columns = [(jax.jit(sharding.traced_on(mesh, functools.partial(self._render, settings, use_lora)),
-                                  out_shardings=replicated), use_lora) for _, settings, use_lora in columns]
+                                  out_shardings=replicated, compiler_options=options), use_lora)
+                         for _, settings, use_lora in columns]
         self._fixed: dict[int, np.ndarray] = {}  # column -> images of the columns without LoRA, rendered once
 
     def _render(self, settings: SamplerSettings, use_lora: bool, params: dict, lora: nnx.State,
