@@ -35,7 +35,7 @@ def _cost_model(part: dict) -> str:
 def rows(reports: list[dict]) -> list[str]:
     head = ["| topology | devices | mesh data x fsdp | program | images (per device) "
             "| GiB per device: args + temp = total of HBM | FLOPs per device (XLA's figure) | roofline | images/s "
-            "| cost model | images/s | compile s | host peak GiB |",
+            "| cost model | images/s | compile s | host peak GiB: RAM (RAM + swap) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     out = []
     for r in reports:
@@ -51,8 +51,14 @@ def rows(reports: list[dict]) -> list[str]:
                        f"| {p['images']} ({p['images'] / n:g}) | {_fit(p)} "
                        f"| {p['flops']:.3e} ({xla}) | {p['roofline_s'] * 1e3:.0f} ms "
                        f"| {p['roofline_images_per_s']:.1f} | {_cost_model(p)} | {p['compile_s']:.0f} "
-                       f"| {r.get('host_peak_rss_gib', float('nan')):.1f} |")
+                       f"| {_host_peak(r)} |")
     return head + out
+
+
+def _host_peak(report: dict) -> str:
+    """The compile's peak resident memory, and with swap where the report sampled it (reports before: RSS only)."""
+    rss = f"{report.get('host_peak_rss_gib', float('nan')):.1f}"
+    return f"{rss} ({report['host_peak_rss_swap_gib']:.1f})" if "host_peak_rss_swap_gib" in report else rss
 
 
 def accounting(reports: list[dict]) -> list[str]:

@@ -29,6 +29,7 @@ import re
 import resource
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -403,7 +404,42 @@ def format_report(report: dict) -> str:
             lines.append(f"    FLOP accounting (global): counted {a['counted']:.3e} = remat recompute "
                          f"{a['remat_recompute']:.3e} + {a['counted'] - a['remat_recompute']:.3e}, "
                          f"{a['ratio']:.3f}x the analytic minimum {a['analytic']['minimum']:.3e} ({parts})")
+    if "host_peak_rss_gib" in report:
+        swap = f", {report['host_peak_rss_swap_gib']:.1f} GiB with swap" if "host_peak_rss_swap_gib" in report else ""
+        lines.append(f"  host peak memory: {report['host_peak_rss_gib']:.1f} GiB resident{swap}")
     return "\n".join(lines)
+
+
+class HostMemoryPeak:
+    """The process's peak resident + swapped memory (Linux ``/proc/self/status``), sampled in a thread: on a
+    host that compiles into swap, ``ru_maxrss`` stops at the RAM, and this is what the compile really asked for."""
+
+    def __init__(self, interval_s: float = 0.5):
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+
+    @staticmethod
+    def current_bytes() -> int:
+        try:
+            status = Path("/proc/self/status").read_text()
+        except OSError:  # not Linux
+            return 0
+        return 1024 * sum(int(v) for v in re.findall(r"^Vm(?:RSS|Swap):\s+(\d+) kB", status, re.MULTILINE))
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self.current_bytes())
+            self._stop.wait(interval_s)
+
+    def __enter__(self) -> HostMemoryPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self.current_bytes())
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Trainer config file (configs/*.py).")
@@ -428,13 +464,16 @@ def main(argv):
         jax.config.update("jax_num_cpu_devices", int(topology.split(":", 1)[1]))
     settings = SamplerSettings(num_steps=_SAMPLER_STEPS.value, guidance_scale=_GUIDANCE.value)
     try:
-        report = run(cfg, topology, batch_kind=_BATCH_KIND.value, sampler_batch=_SAMPLER_BATCH.value,
-                     settings=settings, train=_TRAIN.value, compile=_COMPILE.value)
+        with HostMemoryPeak() as host_memory:
+            report = run(cfg, topology, batch_kind=_BATCH_KIND.value, sampler_batch=_SAMPLER_BATCH.value,
+                         settings=settings, train=_TRAIN.value, compile=_COMPILE.value)
     except MissingLibTPU as e:
         raise app.UsageError(str(e)) from e
     report["command"] = "python -m tdd_jax.compile_check " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report["command_date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     report["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux: KiB
+    if host_memory.peak_bytes:
+        report["host_peak_rss_swap_gib"] = host_memory.peak_bytes / GiB
     print(format_report(report))
     if _OUT.value:
         Path(_OUT.value).write_text(json.dumps(report, indent=2))

@@ -2,6 +2,7 @@
 small SDXL-shaped model compiles for 4 TPU v5e chips, and FSDP over the chips divides the weights' memory."""
 
 import builtins
+import time
 
 import jax
 import jax.numpy as jnp
@@ -214,3 +215,17 @@ def test_cost_model_estimate_of_a_scanned_stack_matches_the_unrolled_program():
              "while_loops": analysis["while_loops"], "xla_flops": analysis["flops"],
              "flops": function_flops(fn, *args)})
     assert estimates[False] is not None and 0.8 < estimates[True] / estimates[False] < 1.25, estimates
+
+
+def test_host_memory_peak_sees_an_allocation_the_process_has_freed():
+    """The sampled peak (RSS + swap) catches memory held only for a moment, and the table shows it beside RSS."""
+    before = compile_check.HostMemoryPeak.current_bytes()
+    assert before > 0
+    with compile_check.HostMemoryPeak(interval_s=0.01) as peak:
+        held = np.ones(64 * 2**20, np.uint8)  # 64 MiB, touched
+        time.sleep(0.2)
+        del held
+    assert peak.peak_bytes >= before + 60 * 2**20
+    report = {"host_peak_rss_gib": 23.04, "host_peak_rss_swap_gib": peak.peak_bytes / compile_check.GiB}
+    assert compile_table._host_peak(report) == f"23.0 ({peak.peak_bytes / compile_check.GiB:.1f})"
+    assert compile_table._host_peak({"host_peak_rss_gib": 23.04}) == "23.0"
