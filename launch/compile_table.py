@@ -40,7 +40,7 @@ def rows(reports: list[dict]) -> list[str]:
     out = []
     for r in reports:
         n = r["num_devices"]
-        step_label = f"TDD train step, {r.get('batch_kind', 'pixels')}"  # reports before batch_kind: pixels
+        step_label = f"TDD train step, {r.get('batch_kind', 'pixels')}{_departures(r)}"  # before batch_kind: pixels
         for part, label in (("train_step", step_label), ("sampler", "sampler + VAE decode")):
             if not {"memory", "out_of_memory"} & set(r.get(part, {})):  # absent, or counted without compiling
                 continue
@@ -53,6 +53,16 @@ def rows(reports: list[dict]) -> list[str]:
                        f"| {p['roofline_images_per_s']:.1f} | {_cost_model(p)} | {p['compile_s']:.0f} "
                        f"| {_host_peak(r)} |")
     return head + out
+
+
+def _departures(report: dict) -> str:
+    """', remat dots, weights bfloat16, ...': the model settings in which the report departs from
+    ``configs/tdd_sdxl.py``, so that rows of one topology tell apart the settings compiled."""
+    model, s = tdd_sdxl.get_config().model, report["settings"]
+    out = [f"{label} {s[key]}" for key, label in (("remat", "remat"), ("param_dtype", "weights"),
+                                                   ("attention_impl", "attention"))
+           if s.get(key, model[key]) != model[key]]
+    return "".join(f", {o}" for o in out) + (", no windowed einsum" if s.get("windowed_einsum") is False else "")
 
 
 def _host_peak(report: dict) -> str:

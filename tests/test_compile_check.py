@@ -229,3 +229,11 @@ def test_host_memory_peak_sees_an_allocation_the_process_has_freed():
     report = {"host_peak_rss_gib": 23.04, "host_peak_rss_swap_gib": peak.peak_bytes / compile_check.GiB}
     assert compile_table._host_peak(report) == f"23.0 ({peak.peak_bytes / compile_check.GiB:.1f})"
     assert compile_table._host_peak({"host_peak_rss_gib": 23.04}) == "23.0"
+
+
+def test_table_rows_name_the_settings_that_depart_from_the_config():
+    """Two compiles of one topology that differ in remat or weight dtype get different program labels."""
+    default = {"remat": "full", "param_dtype": "float32", "attention_impl": None, "windowed_einsum": True}
+    assert compile_table._departures({"settings": default}) == ""
+    changed = {**default, "remat": "dots", "param_dtype": "bfloat16", "windowed_einsum": False}
+    assert compile_table._departures({"settings": changed}) == ", remat dots, weights bfloat16, no windowed einsum"
