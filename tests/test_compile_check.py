@@ -60,8 +60,9 @@ def test_tpu_step_compiles_and_fsdp_splits_the_weights():
     assert args[1] < 0.7 * args[0], args
     # The README's table is made from these reports.
     table = "\n".join(compile_table.rows([replicated, split]) + compile_table.accounting([split]))
-    assert table.count("| v5e-4 | 4 | 4 x 1 | TDD train step, cached |") == 1
-    assert "| v5e-4 | 4 | 1 x 4 | TDD train step, cached |" in table
+    # The test config departs from configs/tdd_sdxl.py in remat (none), and the row says so.
+    assert table.count("| v5e-4 | 4 | 4 x 1 | TDD train step, cached, remat none |") == 1
+    assert "| v5e-4 | 4 | 1 x 4 | TDD train step, cached, remat none |" in table
     assert "x** the analytic minimum" in table
     # The paper-run budget: days and chip-hours by the roofline and by the cost model (loop-free here).
     budget = compile_table.budget([split])[2]
@@ -219,13 +220,16 @@ def test_cost_model_estimate_of_a_scanned_stack_matches_the_unrolled_program():
 
 def test_host_memory_peak_sees_an_allocation_the_process_has_freed():
     """The sampled peak (RSS + swap) catches memory held only for a moment, and the table shows it beside RSS."""
-    before = compile_check.HostMemoryPeak.current_bytes()
-    assert before > 0
+    # Compared with the memory measured while the array is held, not before it: earlier tests' buffers may be freed
+    # meanwhile, so "before + 64 MiB" need not ever be reached.
     with compile_check.HostMemoryPeak(interval_s=0.01) as peak:
-        held = np.ones(64 * 2**20, np.uint8)  # 64 MiB, touched
+        held = np.ones(64 * 2**20, np.uint8)  # 64 MiB, touched; above glibc's mmap threshold, so freed at del
         time.sleep(0.2)
+        holding = compile_check.HostMemoryPeak.current_bytes()
         del held
-    assert peak.peak_bytes >= before + 60 * 2**20
+        released = compile_check.HostMemoryPeak.current_bytes()
+    assert released < holding - 60 * 2**20, (holding, released)  # the 64 MiB really left the process
+    assert peak.peak_bytes >= holding - 16 * 2**20, (peak.peak_bytes, holding)  # and the sampling thread saw it
     report = {"host_peak_rss_gib": 23.04, "host_peak_rss_swap_gib": peak.peak_bytes / compile_check.GiB}
     assert compile_table._host_peak(report) == f"23.0 ({peak.peak_bytes / compile_check.GiB:.1f})"
     assert compile_table._host_peak({"host_peak_rss_gib": 23.04}) == "23.0"
