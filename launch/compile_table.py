@@ -26,22 +26,28 @@ def _fit(part: dict) -> str:
 
 
 def _cost_model(part: dict) -> str:
-    """'ms | images/s' of the compiler's loop-counted estimate (from the report's raw figures, so reports written
-    before the estimate existed get it too), or 'n/a | ' where it has none."""
+    """'ms (raw ms x loop scale) | images/s' of the compiler's loop-counted estimate (from the report's raw
+    figures, so reports written before the estimate existed get it too), or 'n/a | ' where it has none. The raw
+    figure (unpriced ops added back) and the scale are shown because the scale, counted / XLA's FLOPs, is where the
+    estimate is weakest: programs of one loop structure compare better by their raw figures (docs/tpu.md)."""
     seconds = cost_model_estimate(part)
-    return "n/a | " if seconds is None else f"{seconds * 1e3:.0f} ms | {part['images'] / seconds:.1f}"
+    if seconds is None:
+        return "n/a | "
+    raw = part["xla_optimal_s"] + part.get("unpriced_ops", 0)
+    return f"{seconds * 1e3:.0f} ms ({raw * 1e3:.0f} x {seconds / raw:.2f}) | {part['images'] / seconds:.1f}"
 
 
 def rows(reports: list[dict]) -> list[str]:
     head = ["| topology | devices | mesh data x fsdp | program | images (per device) "
             "| GiB per device: args + temp = total of HBM | FLOPs per device (XLA's figure) | roofline | images/s "
-            "| cost model | images/s | compile s | host peak GiB: RAM (RAM + swap) |",
+            "| cost model (raw x loop scale) | images/s | compile s | host peak GiB: RAM (RAM + swap) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     out = []
     for r in reports:
         n = r["num_devices"]
         step_label = f"TDD train step, {r.get('batch_kind', 'pixels')}{_departures(r)}"  # before batch_kind: pixels
-        for part, label in (("train_step", step_label), ("sampler", "sampler + VAE decode")):
+        sampler_label = f"sampler + VAE decode{_departures(r, sampler=True)}"
+        for part, label in (("train_step", step_label), ("sampler", sampler_label)):
             if not {"memory", "out_of_memory"} & set(r.get(part, {})):  # absent, or counted without compiling
                 continue
             p = r[part]
@@ -55,13 +61,13 @@ def rows(reports: list[dict]) -> list[str]:
     return head + out
 
 
-def _departures(report: dict) -> str:
+def _departures(report: dict, sampler: bool = False) -> str:
     """', remat dots, weights bfloat16, ...': the model settings in which the report departs from
-    ``configs/tdd_sdxl.py``, so that rows of one topology tell apart the settings compiled."""
+    ``configs/tdd_sdxl.py``, so that rows of one topology tell apart the settings compiled (for the sampler, those
+    it compiles with: all but remat)."""
     model, s = tdd_sdxl.get_config().model, report["settings"]
-    out = [f"{label} {s[key]}" for key, label in (("remat", "remat"), ("param_dtype", "weights"),
-                                                   ("attention_impl", "attention"))
-           if s.get(key, model[key]) != model[key]]
+    keys = (("remat", "remat"), ("param_dtype", "weights"), ("attention_impl", "attention"))[int(sampler):]
+    out = [f"{label} {s[key]}" for key, label in keys if s.get(key, model[key]) != model[key]]
     return "".join(f", {o}" for o in out) + (", no windowed einsum" if s.get("windowed_einsum") is False else "")
 
 
@@ -136,7 +142,8 @@ def budget(reports: list[dict]) -> list[str]:
 
 def best(reports: list[dict]) -> list[str]:
     """Per topology and batch kind, the compiled train-step setting that fits and runs fastest: ranked by the cost
-    model where every fitting setting has one (it prices what the roofline does not), else by the roofline."""
+    model (it prices what the roofline does not) among the fitting settings that have one, else by the roofline.
+    A setting without one (a report from before the check read it) is counted but not ranked."""
     images = paper_run_images()
     head = ["| topology | batch | best fitting setting (of those compiled) | ranked by | images/s | paper run: days "
             "| chip-hours |", "|---|---|---|---|---|---|---|"]
@@ -148,12 +155,15 @@ def best(reports: list[dict]) -> list[str]:
         if not fitting:
             out.append(f"| {topology} | {kind} | none of the {len(group)} compiled settings fits | | | | |")
             continue
-        by_cost = all(speeds[1] is not None for _, speeds in fitting)
-        r, speeds = max(fitting, key=lambda item: item[1][1] if by_cost else item[1][0])
+        priced = [(r, speeds) for r, speeds in fitting if speeds[1] is not None]
+        by_cost = bool(priced)
+        r, speeds = max(priced or fitting, key=lambda item: item[1][1] if by_cost else item[1][0])
         ips = speeds[1] if by_cost else speeds[0]
         days = images / ips / 86400
+        unranked = len(fitting) - len(priced) if by_cost else 0
         out.append(f"| {topology} | {kind} | {_setting(r)} | {'cost model' if by_cost else 'roofline'} "
-                   f"(of {len(fitting)} fitting) | {ips:.1f} | {days:.1f} "
+                   f"(of {len(priced) if by_cost else len(fitting)} fitting"
+                   f"{f'; {unranked} more without a cost model' if unranked else ''}) | {ips:.1f} | {days:.1f} "
                    f"| {days * 24 * TOPOLOGIES[topology].chips:,.0f} |")
     return head + out
 
