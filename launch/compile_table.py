@@ -143,7 +143,8 @@ def budget(reports: list[dict]) -> list[str]:
 def best(reports: list[dict]) -> list[str]:
     """Per topology and batch kind, the compiled train-step setting that fits and runs fastest: ranked by the cost
     model (it prices what the roofline does not) among the fitting settings that have one, else by the roofline.
-    A setting without one (a report from before the check read it) is counted but not ranked."""
+    A setting without one (a report from before the check read it, or a program with Pallas kernels) is counted
+    but not ranked."""
     images = paper_run_images()
     head = ["| topology | batch | best fitting setting (of those compiled) | ranked by | images/s | paper run: days "
             "| chip-hours |", "|---|---|---|---|---|---|---|"]
