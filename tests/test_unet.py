@@ -3,6 +3,7 @@ count from abstract shapes, bf16/remat execution, config validation and loader e
 
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from tiny_pipeline import assert_parity, randomize_norms, tiny_sd15_unet_config, tiny_unet_config
 
-from tdd_jax.models.layers import ModelOptions
+from tdd_jax.models.layers import GroupNorm, LayerNorm, ModelOptions
 from tdd_jax.models.loading import WeightsError, build_model, count_params
 from tdd_jax.models.unet import SDXL_UNET_CONFIG, UNet2DConditionModel
 
@@ -122,6 +123,29 @@ def test_bf16_compute_and_remat_run(sdxl_unet_dir, torch_sdxl_unet):
     rel = np.abs(np.asarray(out, np.float32).transpose(0, 3, 1, 2) - expected).max() / np.abs(expected).max()
     print(f"bf16 UNet: max abs error / max |output| = {rel:.3g}")
     assert rel < 0.05
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_norms_match_torch_in_the_model_dtype(dtype):
+    """GroupNorm and LayerNorm keep their statistics at least in float32 and in float64 for a float64 model (the
+    layout-equality test of the train step runs one): against torch's float64 norms, float32 agrees to ~1e-6 and
+    float64 to ~1e-13, which float32 statistics (rounding every input to 24 bits) could not."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 6, 32)) * 3 + 1  # NHWC, 32 channels in 8 groups
+    w, b = rng.standard_normal(32), rng.standard_normal(32)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
+    want_gn = torch.nn.functional.group_norm(xt, 8, torch.from_numpy(w), torch.from_numpy(b), eps=1e-5)
+    want_ln = torch.nn.functional.layer_norm(torch.from_numpy(x), (32,), torch.from_numpy(w), torch.from_numpy(b))
+    tol = 1e-12 if dtype == jnp.float64 else 1e-5
+    with jax.enable_x64(dtype == jnp.float64):
+        opts = ModelOptions(dtype=dtype, param_dtype=dtype)
+        gn, ln = GroupNorm(8, 32, opts=opts), LayerNorm(32, opts=opts)
+        for m in (gn, ln):
+            m.weight.value, m.bias.value = jnp.asarray(w, dtype), jnp.asarray(b, dtype)
+        got_gn, got_ln = gn(jnp.asarray(x, dtype)), ln(jnp.asarray(x, dtype))
+        assert got_gn.dtype == got_ln.dtype == dtype
+        np.testing.assert_allclose(np.asarray(got_gn), want_gn.numpy().transpose(0, 2, 3, 1), rtol=0, atol=tol)
+        np.testing.assert_allclose(np.asarray(got_ln), want_ln.numpy(), rtol=0, atol=tol)
 
 
 def test_unsupported_config_fields_are_named():

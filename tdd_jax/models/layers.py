@@ -50,6 +50,12 @@ class ModelOptions:
     scan_blocks: bool = False
 
 
+def stats_dtype(dtype):
+    """The dtype of normalisation statistics: float32 for bf16/fp16/fp32 activations, float64 for float64 ones
+    (a float64 model, as the layout-equality tests run, must not round its norms to float32)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -195,7 +201,8 @@ class Conv2d(nnx.Module, _LoRAMixin):
 
 
 class GroupNorm(nnx.Module):
-    """torch.nn.GroupNorm over the channel (last) axis of NHWC or (B, T, C) inputs; statistics in fp32."""
+    """torch.nn.GroupNorm over the channel (last) axis of NHWC or (B, T, C) inputs; statistics in
+    ``stats_dtype``."""
 
     def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5, opts: ModelOptions):
         if num_channels % num_groups:
@@ -210,7 +217,8 @@ class GroupNorm(nnx.Module):
         # (B, T, G, C/G) over axes (1, 3) at once, which XLA:CPU runs 3-9x slower at VAE sizes.
         shape, g = x.shape, self.num_groups
         b, c = shape[0], shape[-1]
-        x3 = x.astype(jnp.float32).reshape(b, -1, c)
+        f = stats_dtype(x.dtype)
+        x3 = x.astype(f).reshape(b, -1, c)
         n = x3.shape[1] * (c // g)
 
         def group_mean(per_channel_sum):  # (B, C) -> (B, 1, C): each channel gets its group's mean
@@ -218,13 +226,13 @@ class GroupNorm(nnx.Module):
 
         centered = x3 - group_mean(x3.sum(1))
         var = group_mean(jnp.square(centered).sum(1))
-        scale = jax.lax.rsqrt(var + self.eps) * self.weight[...].astype(jnp.float32)
-        y = centered * scale + self.bias[...].astype(jnp.float32)
+        scale = jax.lax.rsqrt(var + self.eps) * self.weight[...].astype(f)
+        y = centered * scale + self.bias[...].astype(f)
         return y.reshape(shape).astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
-    """torch.nn.LayerNorm over the last axis; statistics in fp32."""
+    """torch.nn.LayerNorm over the last axis; statistics in ``stats_dtype``."""
 
     def __init__(self, dim: int, *, eps: float = 1e-5, elementwise_affine: bool = True, opts: ModelOptions):
         self.eps, self.dtype = eps, opts.dtype
@@ -232,12 +240,13 @@ class LayerNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dim,), opts.param_dtype)) if elementwise_affine else None
 
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        f = stats_dtype(x.dtype)
+        xf = x.astype(f)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
         if self.weight is not None:
-            y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+            y = y * self.weight[...].astype(f) + self.bias[...].astype(f)
         return y.astype(self.dtype)
 
 
