@@ -62,13 +62,19 @@ def rows(reports: list[dict]) -> list[str]:
 
 
 def _departures(report: dict, sampler: bool = False) -> str:
-    """', remat dots, weights bfloat16, ...': the model settings in which the report departs from
-    ``configs/tdd_sdxl.py``, so that rows of one topology tell apart the settings compiled (for the sampler, those
-    it compiles with: all but remat)."""
-    model, s = tdd_sdxl.get_config().model, report["settings"]
+    """', remat dots, weights bfloat16, ...': the settings in which the report departs from ``configs/tdd_sdxl.py``
+    and the compiler's defaults (libtpu flags), so that rows of one topology tell apart the settings compiled (for
+    the sampler, those it compiles with: all but remat and the LoRA's sharding)."""
+    cfg, s = tdd_sdxl.get_config(), report["settings"]
     keys = (("remat", "remat"), ("param_dtype", "weights"), ("attention_impl", "attention"))[int(sampler):]
-    out = [f"{label} {s[key]}" for key, label in keys if s.get(key, model[key]) != model[key]]
-    return "".join(f", {o}" for o in out) + (", no windowed einsum" if s.get("windowed_einsum") is False else "")
+    out = [f"{label} {s[key]}" for key, label in keys if s.get(key, cfg.model[key]) != cfg.model[key]]
+    if not sampler and s.get("lora_sharding", cfg.mesh.lora_sharding) != cfg.mesh.lora_sharding:
+        out.append(f"LoRA {s['lora_sharding']}")
+    if s.get("windowed_einsum") is False:
+        out.append("no windowed einsum")
+    if "libtpu_init_args" in report:
+        out.append(f"libtpu `{report['libtpu_init_args']}`")
+    return "".join(f", {o}" for o in out)
 
 
 def _host_peak(report: dict) -> str:

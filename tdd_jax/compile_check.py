@@ -474,7 +474,13 @@ def main(argv):
                          settings=settings, train=_TRAIN.value, compile=_COMPILE.value)
     except MissingLibTPU as e:
         raise app.UsageError(str(e)) from e
-    report["command"] = "python -m tdd_jax.compile_check " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # libtpu reads its flags (e.g. --xla_tpu_enable_latency_hiding_scheduler=false) from this variable, so a
+    # report compiled under it must say so to be reproducible.
+    libtpu_args = os.environ.get("LIBTPU_INIT_ARGS", "").strip()
+    report["command"] = ((f"LIBTPU_INIT_ARGS={shlex.quote(libtpu_args)} " if libtpu_args else "")
+                         + "python -m tdd_jax.compile_check " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    if libtpu_args:
+        report["libtpu_init_args"] = libtpu_args
     report["command_date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     report["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux: KiB
     if host_memory.peak_bytes:
