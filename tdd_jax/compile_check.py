@@ -447,6 +447,17 @@ class HostMemoryPeak:
         self.peak_bytes = max(self.peak_bytes, self.current_bytes())
 
 
+def command_fields(args: list[str], environ) -> dict[str, str]:
+    """The report's reproducing command line. libtpu reads its flags (e.g.
+    ``--xla_tpu_enable_latency_hiding_scheduler=false``) from ``LIBTPU_INIT_ARGS``, so a report compiled under it
+    records them, in the command and as ``libtpu_init_args`` (``launch/compile_table.py`` labels its rows by them)."""
+    libtpu_args = environ.get("LIBTPU_INIT_ARGS", "").strip()
+    command = "python -m tdd_jax.compile_check " + " ".join(shlex.quote(a) for a in args)
+    if not libtpu_args:
+        return {"command": command}
+    return {"command": f"LIBTPU_INIT_ARGS={shlex.quote(libtpu_args)} {command}", "libtpu_init_args": libtpu_args}
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Trainer config file (configs/*.py).")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e-8", f"One of {sorted(TOPOLOGIES)}, or cpu:N (fake CPU devices).")
 _BATCH_KIND = flags.DEFINE_enum("batch_kind", "pixels", ["pixels", "cached"],
@@ -474,13 +485,7 @@ def main(argv):
                          settings=settings, train=_TRAIN.value, compile=_COMPILE.value)
     except MissingLibTPU as e:
         raise app.UsageError(str(e)) from e
-    # libtpu reads its flags (e.g. --xla_tpu_enable_latency_hiding_scheduler=false) from this variable, so a
-    # report compiled under it must say so to be reproducible.
-    libtpu_args = os.environ.get("LIBTPU_INIT_ARGS", "").strip()
-    report["command"] = ((f"LIBTPU_INIT_ARGS={shlex.quote(libtpu_args)} " if libtpu_args else "")
-                         + "python -m tdd_jax.compile_check " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-    if libtpu_args:
-        report["libtpu_init_args"] = libtpu_args
+    report.update(command_fields(sys.argv[1:], os.environ))
     report["command_date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     report["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux: KiB
     if host_memory.peak_bytes:

@@ -283,3 +283,17 @@ def test_table_rows_name_the_settings_that_depart_from_the_config():
     # The sampler has no backward pass: remat does not change it, the rest does.
     sampler = ", weights bfloat16, no windowed einsum"
     assert compile_table._departures({"settings": changed}, sampler=True) == sampler
+    # The LoRA's sharding changes only the train step; libtpu flags (LIBTPU_INIT_ARGS, which the check records)
+    # change both programs.
+    flagged = {"settings": {**default, "lora_sharding": "replicated"},
+               "libtpu_init_args": "--xla_tpu_enable_latency_hiding_scheduler=false"}
+    libtpu = ", libtpu `--xla_tpu_enable_latency_hiding_scheduler=false`"
+    assert compile_table._departures(flagged) == ", LoRA replicated" + libtpu
+    assert compile_table._departures(flagged, sampler=True) == libtpu
+    args = ["--topology=v5p-8", "--json=out.json"]
+    assert compile_check.command_fields(args, {}) == {
+        "command": "python -m tdd_jax.compile_check --topology=v5p-8 --json=out.json"}
+    flags = flagged["libtpu_init_args"]
+    assert compile_check.command_fields(args, {"LIBTPU_INIT_ARGS": flags}) == {
+        "command": f"LIBTPU_INIT_ARGS={flags} python -m tdd_jax.compile_check --topology=v5p-8 --json=out.json",
+        "libtpu_init_args": flags}
