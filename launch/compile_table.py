@@ -40,7 +40,7 @@ def _cost_model(part: dict) -> str:
 def rows(reports: list[dict]) -> list[str]:
     head = ["| topology | devices | mesh data x fsdp | program | images (per device) "
             "| GiB per device: args + temp = total of HBM | FLOPs per device (XLA's figure) | roofline | images/s "
-            "| cost model (raw x loop scale) | images/s | compile s | host peak GiB: RAM (RAM + swap) |",
+            "| cost model (raw x loop scale) | images/s | compile s | host peak GiB: RAM (RAM + swap; when lowered) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     out = []
     for r in reports:
@@ -78,9 +78,14 @@ def _departures(report: dict, sampler: bool = False) -> str:
 
 
 def _host_peak(report: dict) -> str:
-    """The compile's peak resident memory, and with swap where the report sampled it (reports before: RSS only)."""
+    """The compile's peak resident memory, with swap where the report sampled it (reports before: RSS only), and
+    what the process held when the train step (else the sampler) was lowered, before its compile began."""
     rss = f"{report.get('host_peak_rss_gib', float('nan')):.1f}"
-    return f"{rss} ({report['host_peak_rss_swap_gib']:.1f})" if "host_peak_rss_swap_gib" in report else rss
+    lowered = [report[p]["host_lowered_gib"] for p in ("train_step", "sampler")
+               if "host_lowered_gib" in report.get(p, {})]
+    inner = ([f"{report['host_peak_rss_swap_gib']:.1f}"] if "host_peak_rss_swap_gib" in report else []) + \
+        [f"lowered {v:.1f}" for v in lowered[:1]]
+    return f"{rss} ({'; '.join(inner)})" if inner else rss
 
 
 def accounting(reports: list[dict]) -> list[str]:

@@ -245,6 +245,13 @@ def compiled_or_out_of_memory(analyse) -> dict:
             "mosaic_kernels": analysis["mosaic_kernels"]}
 
 
+def _host_memory_when_lowered(result: dict):
+    """A callback that writes the process's resident + swapped memory into ``result['host_lowered_gib']``: called
+    between lowering and compiling, it tells what the traced and lowered program holds on the host from what
+    the compiler adds on top (the report's peak)."""
+    return lambda: result.__setitem__("host_lowered_gib", HostMemoryPeak.current_bytes() / GiB)
+
+
 def compile_step(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batch_kind: str = "pixels",
                  compile: bool = True) -> dict:
     """Compile the TDD train step on ``mesh`` (``frozen``'s); memory, FLOPs (per device: counted, and XLA's own),
@@ -255,7 +262,8 @@ def compile_step(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batch_k
     batch = batch_spec(cfg, configs, batch_kind)
     result = {"images": int(cfg.batch.global_batch)}
     if compile:
-        result.update(compiled_or_out_of_memory(lambda: compile_train_step(step, batch)._asdict()),
+        lowered = _host_memory_when_lowered(result)
+        result.update(compiled_or_out_of_memory(lambda: compile_train_step(step, batch, lowered)._asdict()),
                       compile_s=time.perf_counter() - start)
     accounting = step_flops(cfg, frozen, mesh, configs, step, select_batch(batch))
     return {**result, "flops": accounting["counted"] / mesh.size, "flop_accounting": accounting}
@@ -291,8 +299,9 @@ def compile_sampler(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batc
     if compile:
         render_batch = jax.jit(sharding.traced_on(mesh, program(frozen)), out_shardings=data)
         options = sharding.compiler_options(cfg.mesh, mesh)
-        analyse = lambda: compiled_analysis(  # noqa: E731
-            render_batch.lower(frozen.params, *args).compile(compiler_options=options))
+        lowered = render_batch.lower(frozen.params, *args)
+        _host_memory_when_lowered(result)()
+        analyse = lambda: compiled_analysis(lowered.compile(compiler_options=options))  # noqa: E731
         result.update(compiled_or_out_of_memory(analyse), compile_s=time.perf_counter() - start)
     return result
 
@@ -389,6 +398,8 @@ def format_report(report: dict) -> str:
                          f"{m['temp'] / GiB:.2f} GiB, out {m['output'] / GiB:.2f} GiB, total "
                          f"{m['total'] / GiB:.2f} GiB{hbm}; FLOPs {r['flops']:.3e} (XLA's figure, loop bodies "
                          f"once: {xla}){speed}; compiled in {r['compile_s']:.0f} s")
+            if "host_lowered_gib" in r:
+                lines.append(f"    host memory when lowered, before the compiler: {r['host_lowered_gib']:.1f} GiB")
             if r.get("mosaic_kernels"):
                 lines.append(f"    {r['mosaic_kernels']} Pallas TPU kernel calls (splash attention; FLOPs counted as "
                              "XLA attention's)")

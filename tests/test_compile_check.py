@@ -129,6 +129,10 @@ def test_splash_compiles_the_mosaic_kernel_under_fsdp():
     xla = _check(1, 4, compile=False, sampler_batch=4)
     for part in ("train_step", "sampler"):
         assert splash[part]["mosaic_kernels"] > 0 and splash[part]["fits"], part
+        # The host memory between lowering and compiling: this process's, so at least the ~1 GiB JAX and libtpu
+        # take.
+        assert 0.5 < splash[part]["host_lowered_gib"], splash[part]
+        assert "host_lowered_gib" not in xla[part]  # not compiled, so no lowering either
         assert splash[part]["flops"] == xla[part]["flops"] and splash[part]["roofline_s"] == xla[part]["roofline_s"]
     # One-level UNet: 4 transformer blocks x (self + cross) attention; the step runs it 3 times forward (teacher's
     # 2B call, target, student) and once backward (dq and dkv kernels): 8 x (3 + 2) calls.
@@ -137,6 +141,7 @@ def test_splash_compiles_the_mosaic_kernel_under_fsdp():
     assert step["flop_accounting"] == xla["train_step"]["flop_accounting"]
     assert step["xla_optimal_s"] > 0 and "cost_model_s" not in step and step["while_loops"] == 0
     assert "40 Pallas TPU kernel calls" in compile_check.format_report(splash)
+    assert "host memory when lowered, before the compiler:" in compile_check.format_report(splash)
     assert "does not price the Pallas kernels' work" in compile_check.format_report(splash)
 
 
@@ -272,6 +277,8 @@ def test_host_memory_peak_sees_an_allocation_the_process_has_freed():
     report = {"host_peak_rss_gib": 23.04, "host_peak_rss_swap_gib": peak.peak_bytes / compile_check.GiB}
     assert compile_table._host_peak(report) == f"23.0 ({peak.peak_bytes / compile_check.GiB:.1f})"
     assert compile_table._host_peak({"host_peak_rss_gib": 23.04}) == "23.0"
+    lowered = {**report, "train_step": {"host_lowered_gib": 3.14}, "sampler": {"host_lowered_gib": 5.0}}
+    assert compile_table._host_peak(lowered) == f"23.0 ({peak.peak_bytes / compile_check.GiB:.1f}; lowered 3.1)"
 
 
 def test_table_rows_name_the_settings_that_depart_from_the_config():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -492,12 +493,16 @@ def compiled_analysis(compiled) -> dict:
             "mosaic_kernels": text.count('custom_call_target="tpu_custom_call"')}
 
 
-def compile_train_step(step: TrainStep, batch_shapes: dict) -> CompiledStep:
+def compile_train_step(step: TrainStep, batch_shapes: dict,
+                       on_lowered: Callable[[], None] | None = None) -> CompiledStep:
     """Lower and compile ``step.train_step`` ahead of time for global batches shaped like ``batch_shapes``
-    (arrays or ShapeDtypeStructs), and read XLA's memory and cost analyses for logging."""
+    (arrays or ShapeDtypeStructs), and read XLA's memory and cost analyses for logging. ``on_lowered`` is
+    called between lowering and compiling (the compile check reads the host memory there)."""
     mesh = step.mesh
     batch_shapes = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=sharding.batch_sharding(mesh))
                     for k, v in select_batch(batch_shapes).items()}
-    compiled = step.train_step.lower(step.abstract_state(), step.frozen.params, batch_shapes).compile(
-        compiler_options=sharding.compiler_options(step.cfg.mesh, mesh))
+    lowered = step.train_step.lower(step.abstract_state(), step.frozen.params, batch_shapes)
+    if on_lowered is not None:
+        on_lowered()
+    compiled = lowered.compile(compiler_options=sharding.compiler_options(step.cfg.mesh, mesh))
     return CompiledStep(fn=compiled, **compiled_analysis(compiled))
