@@ -129,9 +129,9 @@ def test_splash_compiles_the_mosaic_kernel_under_fsdp():
     xla = _check(1, 4, compile=False, sampler_batch=4)
     for part in ("train_step", "sampler"):
         assert splash[part]["mosaic_kernels"] > 0 and splash[part]["fits"], part
-        # The host memory between lowering and compiling: this process's, so at least the ~1 GiB JAX and libtpu
-        # take.
-        assert 0.5 < splash[part]["host_lowered_gib"], splash[part]
+        # The host memory between lowering and compiling: this process's, so at least the hundreds of MB that
+        # JAX and libtpu take (0.6 GiB in the SDXL check's own process).
+        assert 0.2 < splash[part]["host_lowered_gib"], splash[part]
         assert "host_lowered_gib" not in xla[part]  # not compiled, so no lowering either
         assert splash[part]["flops"] == xla[part]["flops"] and splash[part]["roofline_s"] == xla[part]["roofline_s"]
     # One-level UNet: 4 transformer blocks x (self + cross) attention; the step runs it 3 times forward (teacher's
