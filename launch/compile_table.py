@@ -112,7 +112,8 @@ def _setting(r: dict) -> str:
     return (f"{r.get('batch_kind', 'pixels')}, {s['micro_batch_per_device']:g} per device, mesh "
             f"{s['mesh']['data']}x{s['mesh']['fsdp']}, remat {s['remat']}, weights {s['param_dtype']}, LoRA "
             f"{s['lora_sharding']}{', ' + s['attention_impl'] if s.get('attention_impl') else ''}"
-            f"{', no windowed einsum' if s.get('windowed_einsum') is False else ''}")
+            f"{', no windowed einsum' if s.get('windowed_einsum') is False else ''}"
+            f"{', libtpu `' + r['libtpu_init_args'] + '`' if 'libtpu_init_args' in r else ''}")
 
 
 def _speeds(p: dict) -> tuple[float, float | None, float | None]:

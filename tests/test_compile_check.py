@@ -297,6 +297,8 @@ def test_table_rows_name_the_settings_that_depart_from_the_config():
     libtpu = ", libtpu `--xla_tpu_enable_latency_hiding_scheduler=false`"
     assert compile_table._departures(flagged) == ", LoRA replicated" + libtpu
     assert compile_table._departures(flagged, sampler=True) == libtpu
+    assert compile_table._setting({**flagged, "settings": {**flagged["settings"], "micro_batch_per_device": 1,
+                                                           "mesh": {"data": 1, "fsdp": 4}}}).endswith(libtpu)
     args = ["--topology=v5p-8", "--json=out.json"]
     assert compile_check.command_fields(args, {}) == {
         "command": "python -m tdd_jax.compile_check --topology=v5p-8 --json=out.json"}
