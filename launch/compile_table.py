@@ -72,9 +72,12 @@ def _departures(report: dict, sampler: bool = False) -> str:
         out.append(f"LoRA {s['lora_sharding']}")
     if s.get("windowed_einsum") is False:
         out.append("no windowed einsum")
-    if "libtpu_init_args" in report:
-        out.append(f"libtpu `{report['libtpu_init_args']}`")
-    return "".join(f", {o}" for o in out)
+    return "".join(f", {o}" for o in out) + _libtpu(report)
+
+
+def _libtpu(report: dict) -> str:
+    """', libtpu `FLAGS`' where the report was compiled under LIBTPU_INIT_ARGS, else ''."""
+    return f", libtpu `{report['libtpu_init_args']}`" if "libtpu_init_args" in report else ""
 
 
 def _host_peak(report: dict) -> str:
@@ -112,8 +115,7 @@ def _setting(r: dict) -> str:
     return (f"{r.get('batch_kind', 'pixels')}, {s['micro_batch_per_device']:g} per device, mesh "
             f"{s['mesh']['data']}x{s['mesh']['fsdp']}, remat {s['remat']}, weights {s['param_dtype']}, LoRA "
             f"{s['lora_sharding']}{', ' + s['attention_impl'] if s.get('attention_impl') else ''}"
-            f"{', no windowed einsum' if s.get('windowed_einsum') is False else ''}"
-            f"{', libtpu `' + r['libtpu_init_args'] + '`' if 'libtpu_init_args' in r else ''}")
+            f"{', no windowed einsum' if s.get('windowed_einsum') is False else ''}{_libtpu(r)}")
 
 
 def _speeds(p: dict) -> tuple[float, float | None, float | None]:

@@ -23,6 +23,7 @@ LoRA (2B), the target's forward (B); what remat recomputes is counted separately
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -245,11 +246,11 @@ def compiled_or_out_of_memory(analyse) -> dict:
             "mosaic_kernels": analysis["mosaic_kernels"]}
 
 
-def _host_memory_when_lowered(result: dict):
-    """A callback that writes the process's resident + swapped memory into ``result['host_lowered_gib']``: called
-    between lowering and compiling, it tells what the traced and lowered program holds on the host from what
-    the compiler adds on top (the report's peak)."""
-    return lambda: result.__setitem__("host_lowered_gib", HostMemoryPeak.current_bytes() / GiB)
+def _record_lowered_host_memory(result: dict) -> None:
+    """Writes the process's resident + swapped memory into ``result['host_lowered_gib']``: called between lowering
+    and compiling, it tells what the traced and lowered program holds on the host from what the compiler adds on
+    top (the report's peak)."""
+    result["host_lowered_gib"] = HostMemoryPeak.current_bytes() / GiB
 
 
 def compile_step(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batch_kind: str = "pixels",
@@ -262,8 +263,8 @@ def compile_step(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batch_k
     batch = batch_spec(cfg, configs, batch_kind)
     result = {"images": int(cfg.batch.global_batch)}
     if compile:
-        lowered = _host_memory_when_lowered(result)
-        result.update(compiled_or_out_of_memory(lambda: compile_train_step(step, batch, lowered)._asdict()),
+        on_lowered = functools.partial(_record_lowered_host_memory, result)
+        result.update(compiled_or_out_of_memory(lambda: compile_train_step(step, batch, on_lowered)._asdict()),
                       compile_s=time.perf_counter() - start)
     accounting = step_flops(cfg, frozen, mesh, configs, step, select_batch(batch))
     return {**result, "flops": accounting["counted"] / mesh.size, "flop_accounting": accounting}
@@ -300,7 +301,7 @@ def compile_sampler(cfg, frozen: FrozenPipeline, mesh: Mesh, configs: dict, batc
         render_batch = jax.jit(sharding.traced_on(mesh, program(frozen)), out_shardings=data)
         options = sharding.compiler_options(cfg.mesh, mesh)
         lowered = render_batch.lower(frozen.params, *args)
-        _host_memory_when_lowered(result)()
+        _record_lowered_host_memory(result)
         analyse = lambda: compiled_analysis(lowered.compile(compiler_options=options))  # noqa: E731
         result.update(compiled_or_out_of_memory(analyse), compile_s=time.perf_counter() - start)
     return result
