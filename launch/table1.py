@@ -92,17 +92,16 @@ VARIANTS = {
     "tcd_x4": Variant("tcd", steps_factor=4, label="TCD 4× steps"),
 }
 
-# Per-unit CPU costs on this project's 2-core CPU machine with the tiny SDXL at 64 px, measured 2026-12-06 while
-# other helpers' tests and a TPU compile shared the cores (so on the high side): a 500-step tdd training took
-# 548 s (compile 60 s); a 4-step sample set of 512 images 36 s + 20 s load and compile, the 25-step CFG-8
-# teacher set 184 s (per image: 45 ms + 6.3 ms per UNet call fits both); features of 512 images 0.2 s (emoji),
-# 131 s (inception). They price --plan until the grid's own finished units have measured them (``measured_costs``).
+# Per-unit costs on this project's 2-core CPU machine with the tiny SDXL at 64 px, measured 2026-12-07 by the clip
+# table's units from an empty workdir, alone on the machine (``measured_costs`` over 3 trainings and 38 sets): a
+# 500-step tdd training took 4.4-4.9 min, a sample set of 512 images 20-42 s, features of 512 images 0.13 s (emoji)
+# and 40 s (inception). They price --plan until the grid's own finished units have measured them.
 COST_TRAIN_START_S = 75.0  # start-up and train-step compile of one training run
-COST_TRAIN_STEP_S = 0.95  # one step at batch 16
+COST_TRAIN_STEP_S = 0.38  # one step at batch 16
 COST_SAMPLE_START_S = 20.0  # pipeline load and sampler compile of one sample set
-COST_IMAGE_S = 0.045  # per image and set: text encoders and VAE decoder
-COST_UNET_CALL_S = 0.0063  # one image through one UNet call (CFG: two calls)
-COST_FEATURES_S = {"emoji": 0.0005, "inception": 0.26}  # one image's features
+COST_IMAGE_S = 0.015  # per image and set: text encoders and VAE decoder
+COST_UNET_CALL_S = 0.0028  # one image through one UNet call (CFG: two calls)
+COST_FEATURES_S = {"emoji": 0.00025, "inception": 0.078}  # one image's features
 
 # The metric that decides a claim, fixed before the grid ran: the distillation metric (FID to the teacher control
 # the row approximates) in the feature space every table has. FID to real emoji is not it: the 25-step teacher

@@ -133,10 +133,10 @@ def test_claims_are_decided_on_their_metric_over_every_pair_and_step(tmp_path):
 def test_measured_costs_fit_image_and_unet_call_costs(tmp_path):
     """--plan's sampling costs from finished sets: per image = image + unet_call · UNet calls, fitted over sets
     of different call counts (here 4 and 8 steps without CFG, made up as 10 ms + 2 ms a call)."""
-    from launch.table1 import Plan, build_tables, measured_costs, set_id, write_json
+    from launch.table1 import COST_UNET_CALL_S, Plan, build_tables, measured_costs, set_id, write_json
     table = build_tables(["target"], [4, 8], [4, 8], {"target": ("emoji",)}, {"tdd"})[0]
     plan = Plan.of([table], [0], None)
-    assert measured_costs(tmp_path, plan)["unet_call"] == pytest.approx(0.0063)  # nothing finished: constants
+    assert measured_costs(tmp_path, plan)["unet_call"] == COST_UNET_CALL_S  # nothing finished: the constants
     for row in table.rows[:1]:
         for n in (4, 8):
             write_json(tmp_path / "scores" / f"{set_id(row, 0, n)}.json",
